@@ -1,0 +1,20 @@
+PYTHON ?= python3
+export PYTHON
+
+.PHONY: install test demo lint bench
+
+install:
+	bash scripts/install.sh
+
+test: install
+	bash scripts/check_cuda_compile.sh
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(PYTHON) -m fastes.demo
+
+lint:
+	$(PYTHON) -m ruff check fastes tests bench scripts
+
+bench: install
+	$(PYTHON) -m bench --quick

@@ -1,0 +1,107 @@
+"""Paged attention over a block KV cache: the KV write, varlen (chunked-prefill) attention and decode.
+
+Layout (vLLM-style), one pair of tensors per layer:
+  k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]
+  slot = block_id * block_size + offset; slot −1 means "do not write" (padding).
+
+A batch packs S sequences' new tokens back to back: ``cu_seqlens_q`` [S+1] (int32)
+delimits them, ``seq_lens`` [S] is each sequence's total length *including* the new
+tokens (already written to the cache), ``block_tables`` [S, max_blocks] (int32, −1
+padded) maps logical block j of sequence s to a physical block. New token i of
+sequence s sits at position p = seq_lens[s] − q_len_s + i and attends causally to
+positions 0..p (and only to p − window < pos when ``sliding_window`` is set). GQA:
+query head h reads kv head h // (q_heads // kv_heads). Decode is q_len = 1.
+
+This file holds the torch references and the dispatchers; the Triton kernels live
+beside them in attention_triton.py (CUDA, and the interpreter in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows [T, kv_heads, head_dim] into the cache at their slots (−1 skipped)."""
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+
+
+def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` positions of one sequence from the paged cache: [length, kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    blocks = block_table[:n_blocks].long()
+    return cache[blocks].reshape(n_blocks * block_size, *cache.shape[2:])[:length]
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """Causal GQA attention of packed queries [T, q_heads, D] over the paged cache, fp32 softmax."""
+    out = torch.empty_like(q)
+    q_heads, kv_heads = q.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    cu = cu_seqlens_q.tolist()
+    for s, total in enumerate(seq_lens.tolist()):
+        start, end = cu[s], cu[s + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        keys = gather_kv_ref(k_cache, block_tables[s], total).float().repeat_interleave(group, dim=1)
+        values = gather_kv_ref(v_cache, block_tables[s], total).float().repeat_interleave(group, dim=1)
+        qs = q[start:end].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale
+        q_pos = torch.arange(total - q_len, total).unsqueeze(1)
+        k_pos = torch.arange(total).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+           seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("q must be [T, heads, D] and k_cache/v_cache [blocks, block_size, kv_heads, D] alike")
+    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv_heads={k_cache.shape[2]}, D={k_cache.shape[3]}")
+    if cu_seqlens_q.numel() != seq_lens.numel() + 1 or block_tables.shape[0] != seq_lens.numel():
+        raise ValueError("cu_seqlens_q must have S+1 entries and block_tables S rows for S = len(seq_lens)")
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, backend: str = "auto") -> None:
+    """Write K/V of the new tokens into the paged cache."""
+    if backend == "triton" or (backend == "auto" and k.is_cuda):
+        from fastes.ops.attention_triton import write_kv_triton
+
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    sliding_window: int | None = None, max_q_len: int | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Attention for packed new tokens (prefill chunks and decode alike); see the module docstring."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from fastes.ops.attention_triton import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                      sliding_window, max_q_len)
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)

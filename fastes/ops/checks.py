@@ -1,0 +1,56 @@
+"""Argument checks shared by the population ops: clear ValueErrors before any kernel launches."""
+
+from __future__ import annotations
+
+import torch
+
+from fastes.noise import NoiseSpec, check_mode, check_rank
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(t: torch.Tensor, arg: str, ndim: int, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{arg} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{arg} dtype must be one of {dtypes}, got {t.dtype}")
+
+
+def check_same(t: torch.Tensor, ref: torch.Tensor, arg: str, ref_arg: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{arg} is on {t.device} but {ref_arg} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{arg} dtype {t.dtype} differs from {ref_arg} dtype {ref.dtype}")
+
+
+def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.device, num_members: int | None) -> None:
+    """row_member: one member id per row, -1 for the unperturbed model."""
+    if row_member is None:
+        return
+    check_tensor(row_member, "row_member", 1, (torch.int32, torch.int64))
+    if row_member.shape[0] != rows:
+        raise ValueError(f"row_member has {row_member.shape[0]} entries for {rows} rows")
+    if row_member.device != device:
+        raise ValueError(f"row_member is on {row_member.device} but x is on {device}")
+    if rows and int(row_member.min()) < -1:
+        raise ValueError(f"row_member entries must be >= -1, got {int(row_member.min())}")
+    if num_members is not None and rows and int(row_member.max()) >= num_members:
+        raise ValueError(f"row_member entries must be < population size {num_members}, got {int(row_member.max())}")
+
+
+def check_noise_args(noise: NoiseSpec | None, sigma: float, mode: str, rank: int, out_f: int, in_f: int) -> None:
+    if noise is not None and not isinstance(noise, NoiseSpec):
+        raise ValueError(f"noise must be a fastes.noise.NoiseSpec or None, got {type(noise).__name__}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
+        raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
+    check_mode(mode)
+    if mode == "lowrank":
+        check_rank(rank, out_f, in_f)
+
+
+def members_present(row_member: torch.Tensor | None) -> list[int]:
+    if row_member is None or row_member.numel() == 0:
+        return []
+    return [int(m) for m in torch.unique(row_member).tolist() if m >= 0]

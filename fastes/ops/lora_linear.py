@@ -1,0 +1,99 @@
+"""lora_linear: frozen W plus per-member perturbed adapters, batched like multi-LoRA.
+
+y = x Wᵀ + b + scaling · x (A + σ·E_A,m)ᵀ (B + σ·E_B,m)ᵀ with A [r, in], B [out, r]
+(the PEFT layout, so adapters save and load like PEFT's lora_A / lora_B).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastes.noise import NoiseSpec, member_noise_tensor
+from fastes.ops import member_noise
+from fastes.ops.checks import check_noise_args, check_row_member, check_same, check_tensor, members_present
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scaling: float, row_member: torch.Tensor | None,
+                    noise: NoiseSpec | None, sigma: float, name_a: str, name_b: str) -> torch.Tensor:
+    """Oracle: materialize each member's adapters and apply them in fp32."""
+    x32 = x.float().cpu()
+    a32, b32 = lora_a.float().cpu(), lora_b.float().cpu()
+    out = x32 @ weight.float().cpu().T
+    if bias is not None:
+        out += bias.float().cpu()
+    members = row_member.cpu() if row_member is not None else torch.full((x.shape[0],), -1)
+    for m in torch.unique(members).tolist():
+        rows = members == m
+        a, b = a32, b32
+        if m >= 0 and noise is not None:
+            a = a32 + sigma * member_noise_tensor(noise, name_a, m, tuple(lora_a.shape), "full")
+            b = b32 + sigma * member_noise_tensor(noise, name_b, m, tuple(lora_b.shape), "full")
+        out[rows] += scaling * (x32[rows] @ a.T) @ b.T
+    return out.to(device=x.device, dtype=x.dtype)
+
+
+def _lora_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: float, row_member: torch.Tensor | None,
+                     noise: NoiseSpec | None, sigma: float, name_a: str, name_b: str) -> torch.Tensor:
+    out = torch.nn.functional.linear(x, weight, bias)
+    if row_member is None or noise is None:
+        members = [-1]
+        row_sets = {-1: torch.arange(x.shape[0], device=x.device)}
+    else:
+        members = [int(m) for m in torch.unique(row_member).tolist()]
+        row_sets = {m: (row_member == m).nonzero().squeeze(1) for m in members}
+    for m in members:
+        rows = row_sets[m]
+        a, b = lora_a.float(), lora_b.float()
+        if m >= 0 and sigma != 0:
+            a = a + sigma * member_noise.dense(noise, name_a, m, tuple(lora_a.shape), x.device)
+            b = b + sigma * member_noise.dense(noise, name_b, m, tuple(lora_b.shape), x.device)
+        delta = (x.index_select(0, rows).float() @ a.T) @ b.T * scaling
+        out.index_add_(0, rows, delta.to(out.dtype))
+    return out
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float = 1.0, row_member: torch.Tensor | None = None,
+                noise: NoiseSpec | None = None, sigma: float = 0.0, name_a: str = "lora_A.weight",
+                name_b: str = "lora_B.weight", num_members: int | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """x [T, in] through frozen W [out, in] and member-perturbed adapters A [r, in], B [out, r]."""
+    check_tensor(x, "x", 2)
+    check_tensor(weight, "weight", 2)
+    check_tensor(lora_a, "lora_a", 2)
+    check_tensor(lora_b, "lora_b", 2)
+    check_same(x, weight, "x", "weight")
+    for t, arg in ((lora_a, "lora_a"), (lora_b, "lora_b")):
+        if t.device != x.device:
+            raise ValueError(f"{arg} is on {t.device} but x is on {x.device}")
+    out_f, in_f = weight.shape
+    if x.shape[1] != in_f:
+        raise ValueError(f"x has {x.shape[1]} features but weight expects {in_f}")
+    if lora_a.shape[1] != in_f or lora_b.shape[0] != out_f or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not fit weight {(out_f, in_f)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        check_same(bias, weight, "bias", "weight")
+    check_row_member(row_member, x.shape[0], x.device, num_members)
+    check_noise_args(noise, sigma, "full", 1, out_f, in_f)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    args = (x, weight, bias, lora_a, lora_b, scaling, row_member, noise, sigma, name_a, name_b)
+    if backend == "reference":
+        return lora_linear_ref(*args)
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        return lora_linear_triton(*args)
+    return _lora_linear_cpu(*args)
+
+
+def lora_linear_triton(*args: object) -> torch.Tensor:  # replaced by the Triton launcher
+    raise NotImplementedError("Triton lora_linear not built yet")
+
+
+__all__ = ["lora_linear", "lora_linear_ref", "members_present"]

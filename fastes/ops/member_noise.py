@@ -1,0 +1,50 @@
+"""Member noise materialized on a device with the fastest available noise backend.
+
+The CPU paths of the population ops use this (C++ fill when built); GPU kernels
+never call it, they regenerate noise in registers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastes.noise import NoiseSpec, tensor_id
+
+
+def stream_tensor(spec: NoiseSpec, name: str, index: int, numel: int, offset: int = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Elements offset.. of one noise stream as float32 [numel] on ``device``."""
+    from fastes.ops.noise import noise_fill
+
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    noise_fill(out, spec.seed, tensor_id(name), index, spec.step, offset, spec.kind)
+    return out
+
+
+def dense(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """Signed dense E_m (float32)."""
+    index, sign = spec.member(member)
+    values = stream_tensor(spec, name, index, math.prod(shape), 0, device).reshape(shape)
+    return values if sign > 0 else values.neg_()
+
+
+def lowrank_factors(spec: NoiseSpec, name: str, member: int, out_features: int, in_features: int, rank: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A [out, r], B [in, r], sign) of member ``member``; E_m = sign · A Bᵀ / √r."""
+    index, sign = spec.member(member)
+    flat = stream_tensor(spec, name, index, (in_features + out_features) * rank, 0, device)
+    b = flat[: in_features * rank].reshape(in_features, rank)
+    a = flat[in_features * rank :].reshape(out_features, rank)
+    return a, b, sign
+
+
+def dense_member(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...], mode: str, rank: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Signed E_m in any mode, dense (fp32): used for ``engine.perturbation`` and CPU caches."""
+    if mode == "lowrank" and len(shape) == 2:
+        a, b, sign = lowrank_factors(spec, name, member, shape[0], shape[1], rank, device)
+        return (a @ b.T).mul_(sign / math.sqrt(rank))
+    return dense(spec, name, member, shape, device)

@@ -1,0 +1,28 @@
+"""Shared test setup: Triton runs under its interpreter when no GPU is present; `gpu` tests skip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A freshly seeded generator per test, so inputs are random but failures reproducible."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"test input seed: {seed}")
+    return torch.Generator().manual_seed(seed)
