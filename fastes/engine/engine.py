@@ -1,0 +1,287 @@
+"""Engine: generation by a whole ES population in one continuous batch, and the ES update.
+
+``generate`` runs every (member, prompt, sample) sequence together: one scheduler, one
+paged KV pool, one forward per step whose rows are sorted by member so the population
+ops see contiguous segments. ``update`` applies W += lr·s·Σ c_m·E_m by regenerating the
+noise; ``perturbation`` returns one member's dense σ·s·E_m for inspection and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from fastes.engine.attention_batch import build_attention_batch
+from fastes.engine.block_manager import BlockManager
+from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
+from fastes.engine.sampling import SamplingParams, sample
+from fastes.engine.scheduler import Chunk, Scheduler
+from fastes.engine.sequence import Completion, Sequence, Status
+from fastes.models import CausalLM, Perturbation, Tokenizer, load_model, load_tokenizer, perturbed_names
+from fastes.models import save_pretrained as save_model
+from fastes.ops import member_noise
+from fastes.ops.es_update import es_update
+from fastes.population import Population
+
+CPU_KV_TOKENS = 65536
+Outputs = list[list[list[Completion]]]
+
+
+class Engine:
+    """A loaded model, its tokenizer and a paged KV pool; see DESIGN.md section 8 for the API."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, kv_cache_tokens: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, backend: str = "auto") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.backend = backend
+        self.block_size = block_size
+        on_gpu = self.device.type == "cuda"
+        self.max_num_seqs = max_num_seqs or (1024 if on_gpu else 256)
+        self.max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 1024)
+        if kv_cache_tokens is None:
+            if on_gpu:
+                num_blocks = profile_num_blocks(model, self.max_num_batched_tokens, block_size)
+            else:
+                num_blocks = -(-CPU_KV_TOKENS // block_size)
+        else:
+            if isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be a positive integer or None, got {kv_cache_tokens!r}")
+            num_blocks = -(-kv_cache_tokens // block_size)
+        self.kv_cache = KVCache.for_model(model.config, num_blocks, block_size, model.dtype, self.device)
+        self.manager = BlockManager(num_blocks, block_size)
+        eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        kv_cache_tokens: int | None = None, **kwargs: object) -> Engine:
+        """Load a local HF directory (config.json, safetensors, tokenizer files)."""
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer = None
+        path = Path(path)
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(path)
+        return cls(model, tokenizer, kv_cache_tokens=kv_cache_tokens, **kwargs)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_prompts(self, prompts: Seq[str] | Seq[Seq[int]], use_chat_template: bool = False) -> list[list[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, Seq) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        vocab = self.model.config.vocab_size
+        out: list[list[int]] = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer; this model directory has none (pass token ids)")
+                ids = (self.tokenizer.encode_chat(prompt) if use_chat_template else self.tokenizer.encode(prompt))
+            else:
+                ids = list(prompt)
+                if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                    raise ValueError(f"prompt {i} must hold token ids in [0, {vocab})")
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Seq[str] | Seq[Seq[int]], sampling: SamplingParams | None = None,
+                 population: Population | None = None, step: int = 0, samples_per_prompt: int = 1,
+                 use_chat_template: bool = False, progress: bool = False) -> Outputs:
+        """outs[member][prompt][sample] -> Completion; population None runs the unperturbed model (one member)."""
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be a positive integer, got {samples_per_prompt!r}")
+        if population is not None and not isinstance(population, Population):
+            raise ValueError(f"population must be a fastes.Population or None, got {type(population).__name__}")
+        token_prompts = self.encode_prompts(prompts, use_chat_template)
+        max_len = self.model.config.max_position_embeddings
+        for i, ids in enumerate(token_prompts):
+            if len(ids) >= max_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {max_len}")
+        pert = Perturbation.for_model(self.model, population, step, self.backend) if population else None
+        members = list(range(population.size)) if population else [-1]
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seqs: list[Sequence] = []
+        for member in members:
+            for p, ids in enumerate(token_prompts):
+                seqs.append(Sequence(seq_id=len(seqs), member=member, prompt_index=p, sample_index=0,
+                                     prompt_len=len(ids), tokens=list(ids), params=sampling, seed=seed,
+                                     fork_into=list(range(1, samples_per_prompt))))
+        results = self._run(seqs, pert, population.size if population else None, progress)
+        outs: Outputs = [[[None] * samples_per_prompt for _ in token_prompts] for _ in members]  # type: ignore[misc]
+        for seq in results:
+            slot = seq.member if seq.member >= 0 else 0
+            outs[slot][seq.prompt_index][seq.sample_index] = Completion(
+                token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length")
+        return outs
+
+    def _run(self, seqs: list[Sequence], pert: Perturbation | None, num_members: int | None,
+             progress: bool) -> list[Sequence]:
+        self.manager.reset()
+        scheduler = Scheduler(self.manager, self.max_num_seqs, self.max_num_batched_tokens)
+        for seq in seqs:
+            scheduler.add(seq)
+        finished: list[Sequence] = []
+        next_id = len(seqs)
+        steps, tokens = 0, 0
+        bar = _progress(progress, sum(s.params.max_tokens for s in seqs) * max(1, 1 + len(seqs[0].fork_into)))
+        while not scheduler.done:
+            chunks = scheduler.schedule()
+            self.kv_cache.copy_blocks(self.manager.take_copies())
+            logits = self._forward(chunks, pert)
+            samplers: list[Sequence] = []
+            for chunk, row in zip([c for c in chunks if c.samples], range(logits.shape[0]), strict=True):
+                chunk.seq.num_computed = chunk.end
+                samplers.append(chunk.seq)
+                if chunk.seq.fork_into:  # prompt done: split off the sibling samples sharing its blocks
+                    for sample_index in chunk.seq.fork_into:
+                        child = Sequence(seq_id=next_id, member=chunk.seq.member, prompt_index=chunk.seq.prompt_index,
+                                         sample_index=sample_index, prompt_len=chunk.seq.prompt_len,
+                                         tokens=list(chunk.seq.tokens), params=chunk.seq.params, seed=chunk.seq.seed)
+                        next_id += 1
+                        scheduler.admit_fork(chunk.seq, child)
+                        samplers.append(child)
+                        logits = torch.cat((logits, logits[row : row + 1]))
+                    chunk.seq.fork_into = []
+            for chunk in chunks:
+                if not chunk.samples:
+                    chunk.seq.num_computed = chunk.end
+            rows = _sampler_rows(chunks, samplers)
+            new_tokens = self._sample(logits[rows], samplers)
+            for seq, token in zip(samplers, new_tokens.tolist(), strict=True):
+                seq.tokens.append(int(token))
+                reason = self._stop_reason(seq)
+                if reason is not None:
+                    scheduler.finish(seq, reason)
+                    finished.append(seq)
+            steps += 1
+            tokens += sum(c.end - c.start for c in chunks)
+            if bar is not None:
+                bar[0].update(bar[1], advance=len(samplers))
+        if bar is not None:
+            bar[0].stop()
+        self.last_stats = {"steps": steps, "tokens": tokens, "preemptions": scheduler.num_preemptions}
+        return finished
+
+    def _forward(self, chunks: list[Chunk], pert: Perturbation | None) -> torch.Tensor:
+        attn, positions = build_attention_batch(self.manager, [(c.seq.seq_id, c.start, c.end) for c in chunks],
+                                                self.device)
+        ids = [t for c in chunks for t in c.seq.tokens[c.start : c.end]]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        row_member = None
+        if pert is not None:
+            row_member = torch.tensor([c.seq.member for c in chunks for _ in range(c.end - c.start)],
+                                      dtype=torch.int32, device=self.device)
+        ends, total = [], 0
+        for c in chunks:
+            total += c.end - c.start
+            if c.samples:
+                ends.append(total - 1)
+        logits_indices = torch.tensor(ends, dtype=torch.long, device=self.device)
+        return self.model.forward(input_ids, positions, attn, self.kv_cache, row_member, pert, logits_indices)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        dev = logits.device
+        positions = torch.tensor([len(s.tokens) for s in seqs], device=dev)
+        members = torch.tensor([s.member for s in seqs], device=dev)
+        prompts = torch.tensor([s.prompt_index for s in seqs], device=dev)
+        samples = torch.tensor([s.sample_index for s in seqs], device=dev)
+        return sample(logits, [s.params for s in seqs], [s.seed for s in seqs], positions, members, prompts, samples)
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        params, token = seq.params, seq.tokens[-1]
+        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+            seq.text = self._decode(seq.output_ids)
+            return "stop"
+        if params.stop and self.tokenizer is not None:
+            text = self._decode(seq.output_ids)
+            hits = [(text.find(s), s) for s in params.stop if s in text]
+            if hits:
+                pos, stop = min(hits)
+                seq.text = text[: pos + (len(stop) if params.include_stop_str_in_output else 0)]
+                return "stop"
+        if seq.num_output >= params.max_tokens or len(seq.tokens) >= self.model.config.max_position_embeddings:
+            seq.text = self._decode(seq.output_ids)
+            return "length"
+        return None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    # ------------------------------------------------------------------ ES: perturbation and update
+
+    def perturbed_names(self, population: Population) -> list[str]:
+        return perturbed_names(self.model.config.param_shapes(), population, self.model.lora_names())
+
+    def perturbation(self, name: str, member: int, population: Population, step: int = 0) -> torch.Tensor:
+        """Dense σ·s·E_m (fp32, model device) of HF parameter ``name``; zeros if the population does not perturb it."""
+        if name not in self.model.params:
+            raise ValueError(f"unknown parameter {name!r}")
+        population.member_index(member)
+        param = self.model.params[name]
+        if name not in self.perturbed_names(population):
+            return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        pert = Perturbation.for_model(self.model, population, step)
+        mode = population.mode if param.dim() == 2 and population.mode != "lora" else "full"
+        noise = member_noise.dense_member(pert.noise, name, member, tuple(param.shape), mode, population.rank,
+                                          param.device)
+        return noise.mul_(pert.sigma * pert.scale(name))
+
+    def update(self, population: Population, step: int, coeffs: torch.Tensor | Seq[float], lr: float) -> None:
+        """W_t += lr·s_t·Σ_m c_m·E_m,t for every perturbed parameter, from seeds alone."""
+        coeffs = torch.as_tensor(coeffs, dtype=torch.float64).reshape(-1)
+        if coeffs.numel() != population.size:
+            raise ValueError(f"coeffs has {coeffs.numel()} entries for a population of {population.size}")
+        if not torch.isfinite(coeffs).all():
+            raise ValueError("coeffs must be finite")
+        pert = Perturbation.for_model(self.model, population, step)
+        coeffs = coeffs.to(torch.float32)
+        for name in self.perturbed_names(population):
+            param = self.model.params[name]
+            mode = population.mode if param.dim() == 2 and population.mode != "lora" else "full"
+            es_update(param, pert.noise, coeffs.to(param.device), lr, pert.scale(name), mode, population.rank, name,
+                      backend=self.backend if self.backend != "auto" else "auto")
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        save_model(self.model, out_dir)
+        return Path(out_dir)
+
+
+def _sampler_rows(chunks: list[Chunk], samplers: list[Sequence]) -> torch.Tensor:
+    """Logit row of each sampler: chunk rows in order, forked children appended after the base rows."""
+    base = sum(1 for c in chunks if c.samples)
+    index = {id(c.seq): i for i, c in enumerate(c for c in chunks if c.samples)}
+    rows, extra = [], base
+    for seq in samplers:
+        if id(seq) in index:
+            rows.append(index[id(seq)])
+        else:
+            rows.append(extra)
+            extra += 1
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _progress(enabled: bool, total: int) -> tuple[object, object] | None:
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    return bar, bar.add_task("generating", total=total)
+
+
+__all__ = ["Engine", "Completion", "Status"]
