@@ -59,8 +59,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         values = gather_kv_ref(v_cache, block_tables[s], total).float().repeat_interleave(group, dim=1)
         qs = q[start:end].float()
         scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale
-        q_pos = torch.arange(total - q_len, total).unsqueeze(1)
-        k_pos = torch.arange(total).unsqueeze(0)
+        q_pos = torch.arange(total - q_len, total, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(total, device=q.device).unsqueeze(0)
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
