@@ -1,0 +1,51 @@
+"""Tasks (datasets + rewards) for ES fine-tuning, and a registry to build them by name.
+
+Each task module also exposes a module-level TRL-style ``reward(completions, prompts,
+**columns)``, e.g. ``countdown.reward(completions=[...], numbers=[[...]], target=[...])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastes.es.tasks import arithmetic, countdown, gsm8k, jsonl
+from fastes.es.tasks.arithmetic import ArithmeticTask
+from fastes.es.tasks.base import Example, Task, collate_columns
+from fastes.es.tasks.countdown import CountdownTask
+from fastes.es.tasks.gsm8k import GSM8KTask
+from fastes.es.tasks.jsonl import JsonlTask
+
+__all__ = [
+    "Example",
+    "Task",
+    "TASKS",
+    "get_task",
+    "collate_columns",
+    "ArithmeticTask",
+    "CountdownTask",
+    "GSM8KTask",
+    "JsonlTask",
+    "arithmetic",
+    "countdown",
+    "gsm8k",
+    "jsonl",
+]
+
+_REGISTRY: dict[str, type[Task]] = {
+    "countdown": CountdownTask,
+    "arithmetic": ArithmeticTask,
+    "gsm8k": GSM8KTask,
+    "jsonl": JsonlTask,
+}
+TASKS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build the task registered as `name` with its options; ValueError (one line) on a bad name or option."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    try:
+        return _REGISTRY[key](**options)
+    except TypeError as exc:
+        raise ValueError(f"task {key!r}: bad options {sorted(options)}: {exc}") from None
