@@ -1,0 +1,234 @@
+"""The decoder forward of Llama / Qwen2 / Qwen3, written over flat packed tokens (vLLM style).
+
+One forward serves prefill chunks and decode steps of many sequences and of many
+population members at once: rows are tokens, ``row_member`` tags each row with its
+member (−1: the unperturbed model), and every linear goes through a population op
+that adds that member's noise inside the matmul. Parameters stay in a flat dict
+under their HF names, so noise (keyed by name) and checkpoints line up with HF.
+
+No Python loop runs over tokens; loops are over layers and, for the small 1-D
+perturbations, over the members present in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from fastes.models import lora as lora_lib
+from fastes.models.config import ModelConfig
+from fastes.models.perturbation import Perturbation, measure_scales
+from fastes.models.rope import apply_rope, inv_freq, rope_cos_sin
+from fastes.ops.attention import paged_attention, write_kv
+from fastes.ops.lora_linear import lora_linear
+from fastes.ops.perturbed_embedding import perturbed_embedding
+from fastes.ops.perturbed_linear import perturbed_linear
+
+if TYPE_CHECKING:  # models sit below engine: the batch is only read by attribute
+    from fastes.engine.attention_batch import AttentionBatch
+
+KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Rows:
+    """Row -> member tags of the current hidden rows, with the member grouping computed once."""
+
+    def __init__(self, member: torch.Tensor | None) -> None:
+        self.member = member
+        self._groups: tuple[list[int], torch.Tensor] | None = None
+
+    def select(self, index: torch.Tensor) -> _Rows:
+        return _Rows(None if self.member is None else self.member.index_select(0, index))
+
+    def vector(self, vec: torch.Tensor, name: str, pert: Perturbation) -> torch.Tensor:
+        """Per-row vec + σ·s·E_m [T, D] (fp32 math, vec's dtype): how a 1-D parameter is perturbed."""
+        assert self.member is not None
+        if self._groups is None:
+            uniq, inverse = torch.unique(self.member, return_inverse=True)
+            self._groups = ([int(m) for m in uniq.tolist()], inverse)
+        members, inverse = self._groups
+        base = vec.float()
+        coef = pert.sigma * pert.scale(name)
+        table = [base if m < 0 else base + coef * pert.dense(name, m, tuple(vec.shape), vec.device) for m in members]
+        return torch.stack(table).to(vec.dtype).index_select(0, inverse)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) in fp32, cast back, times (offset + weight); weight [D] or per-row [T, D]."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if weight.dim() == 2 and x.dim() == 3:
+        weight = weight.unsqueeze(1)
+    return (weight + offset) * normed if offset else weight * normed
+
+
+class CausalLM:
+    """A decoder-only LM: config + HF-named parameters (+ optional LoRA adapters), and its forward."""
+
+    def __init__(self, config: ModelConfig, params: dict[str, torch.Tensor], source_dir: str | Path | None = None):
+        self.config = config
+        self.params = params
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.lora: dict[str, tuple[str, str]] = {}  # base weight name -> (A name, B name)
+        self.lora_scaling = 1.0
+        self._scales: dict[str, float] | None = None
+        first = params["model.embed_tokens.weight"]
+        self._inv_freq = inv_freq(config).to(first.device)
+
+    # ------------------------------------------------------------------ properties and bookkeeping
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params["model.embed_tokens.weight"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params["model.embed_tokens.weight"].device
+
+    def noise_scales(self) -> dict[str, float]:
+        """std(W_t) of every base parameter, measured on first call and kept (layerwise scaling)."""
+        if self._scales is None:
+            self._scales = measure_scales(self.params, list(self.config.param_shapes()))
+        return self._scales
+
+    def set_noise_scales(self, scales: dict[str, float]) -> None:
+        """Restore scales measured earlier (e.g. on resume, so s_t stays the one measured at start)."""
+        self._scales = dict(scales)
+
+    def add_lora(self, rank: int, targets: Sequence[str] | None = None, alpha: float | None = None,
+                 seed: int = 0) -> None:
+        """Create adapters (B = 0, A Gaussian from ``seed``; see fastes.models.lora) on the target modules."""
+        if self.lora:
+            raise ValueError("model already has LoRA adapters")
+        from fastes.population import Population
+
+        targets = tuple(targets) if targets is not None else Population(size=1, antithetic=False).lora_targets
+        shapes = self.config.param_shapes()
+        bases = lora_lib.target_weights(shapes, targets)
+        self.params.update(lora_lib.init_adapters(bases, shapes, rank, seed, self.dtype, self.device))
+        self.lora = {base: lora_lib.adapter_names(base) for base in bases}
+        self.lora_scaling = float(alpha if alpha is not None else rank) / rank
+
+    def lora_names(self) -> dict[str, str]:
+        """Adapter name -> its base weight name."""
+        return {adapter: base for base, pair in self.lora.items() for adapter in pair}
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters in HF layout (no lm_head when tied), LoRA adapters merged into their weights."""
+        out = {n: self.params[n] for n in self.config.param_shapes()}
+        for base, (name_a, name_b) in self.lora.items():
+            out[base] = lora_lib.merged_weight(out[base], self.params[name_a], self.params[name_b], self.lora_scaling)
+        return out
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch, kv_caches: KVCaches,
+                row_member: torch.Tensor | None = None, perturbation: Perturbation | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [S, vocab] of the rows ``logits_indices`` (all rows when None).
+
+        input_ids / positions / row_member are [T]; ``attn`` places the T rows in the paged
+        ``kv_caches`` (one (k, v) pair per layer), into which this call writes their K/V.
+        Without ``perturbation`` every row runs the unperturbed model and ``row_member`` is ignored.
+        """
+        cfg = self.config
+        if len(kv_caches) != cfg.num_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {cfg.num_layers}")
+        if perturbation is not None and row_member is None:
+            raise ValueError("a perturbation needs row_member (one member id per row, -1 for unperturbed)")
+        rows = _Rows(row_member if perturbation is not None else None)
+        pert = perturbation
+        h = self._embed(input_ids, rows, pert)
+        cos, sin = rope_cos_sin(positions, self._inv_freq)
+        for layer in range(cfg.num_layers):
+            p = f"model.layers.{layer}."
+            x = self._norm(h, p + "input_layernorm.weight", rows, pert)
+            h = h + self._attention(x, layer, cos, sin, attn, kv_caches[layer], rows, pert)
+            x = self._norm(h, p + "post_attention_layernorm.weight", rows, pert)
+            h = h + self._mlp(x, p + "mlp.", rows, pert)
+        if logits_indices is not None:
+            h = h.index_select(0, logits_indices)
+            rows = rows.select(logits_indices)
+        h = self._norm(h, "model.norm.weight", rows, pert)
+        return self._lm_head(h, rows, pert).float()
+
+    def _op_args(self, name: str, ndim: int, role: str, pert: Perturbation | None) -> dict[str, object]:
+        """Keyword arguments of a population op for parameter ``name``: noise=None when not perturbed."""
+        if pert is None or not pert.perturbs(name, ndim, role):
+            return {"noise": None, "sigma": 0.0, "scale": 1.0, "mode": "full", "rank": 1,
+                    "backend": pert.backend if pert is not None else "auto"}
+        return {"noise": pert.noise, "sigma": pert.sigma, "scale": pert.scale(name), "mode": pert.mode,
+                "rank": pert.rank, "num_members": pert.num_members, "backend": pert.backend}
+
+    def _embed(self, ids: torch.Tensor, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        name = "model.embed_tokens.weight"
+        role = "tied" if self.config.tie_word_embeddings else "embedding"
+        args = self._op_args(name, 2, role, pert)
+        h = perturbed_embedding(ids, self.params[name], rows.member, name=name, **args)  # type: ignore[arg-type]
+        return h * self.config.embed_scale if self.config.embed_scale != 1.0 else h
+
+    def _lm_head(self, h: torch.Tensor, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        tied = self.config.tie_word_embeddings
+        name, role = ("model.embed_tokens.weight", "tied") if tied else ("lm_head.weight", "lm_head")
+        args = self._op_args(name, 2, role, pert)
+        return perturbed_linear(h, self.params[name], None, rows.member, name=name, **args)  # type: ignore[arg-type]
+
+    def _norm(self, x: torch.Tensor, name: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        weight = self.params[name]
+        if pert is not None and rows.member is not None and pert.perturbs(name, 1, "norm"):
+            weight = rows.vector(weight, name, pert)
+        return rms_norm(x, weight, self.config.rms_norm_eps, self.config.norm_offset)
+
+    def _linear(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        """y = x (W + σ·s·E_m)ᵀ + b (+ LoRA); name=prefix + 'weight' keys the noise."""
+        wname, bname = prefix + "weight", prefix + "bias"
+        weight, bias = self.params[wname], self.params.get(bname)
+        if wname in self.lora:
+            name_a, name_b = self.lora[wname]
+            perturbed = pert is not None and pert.perturbs(wname, 2, "lora")
+            return lora_linear(x, weight, bias, self.params[name_a], self.params[name_b], self.lora_scaling,
+                               rows.member, pert.noise if perturbed else None, pert.sigma if perturbed else 0.0,
+                               name_a, name_b, pert.num_members if perturbed else None,
+                               pert.backend if pert is not None else "auto")
+        bias_noise = (bias is not None and pert is not None and rows.member is not None
+                      and pert.perturbs(bname, 1, "bias"))
+        args = self._op_args(wname, 2, "matrix", pert)
+        y = perturbed_linear(x, weight, None if bias_noise else bias, rows.member, name=wname,
+                             **args)  # type: ignore[arg-type]
+        if bias_noise:
+            y = y + rows.vector(bias, bname, pert)  # type: ignore[arg-type]
+        return y
+
+    def _attention(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
+                   kv: tuple[torch.Tensor, torch.Tensor], rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        cfg = self.config
+        p = f"model.layers.{layer}.self_attn."
+        tokens = x.shape[0]
+        q = self._linear(x, p + "q_proj.", rows, pert).view(tokens, cfg.num_heads, cfg.head_dim)
+        k = self._linear(x, p + "k_proj.", rows, pert).view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = self._linear(x, p + "v_proj.", rows, pert).view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = self._norm(q, p + "q_norm.weight", rows, pert)
+            k = self._norm(k, p + "k_norm.weight", rows, pert)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = kv
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
+                              cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len)
+        return self._linear(out.reshape(tokens, cfg.q_size), p + "o_proj.", rows, pert)
+
+    def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
+        gate = self._linear(x, prefix + "gate_proj.", rows, pert)
+        up = self._linear(x, prefix + "up_proj.", rows, pert)
+        return self._linear(F.silu(gate) * up, prefix + "down_proj.", rows, pert)
+
+
+__all__ = ["CausalLM", "rms_norm", "KVCaches"]
