@@ -1,0 +1,334 @@
+"""Triton kernels of ``perturbed_linear``: the noise of every member is regenerated inside the matmul.
+
+Rows are tagged with their member (``row_member``, -1 = unperturbed). A program owns a
+(BM rows x BN cols) output tile and finds the *runs* of equal member ids among its rows
+on device (``tl.cumsum`` of "member changed" flags): no host sync, CUDA-graph safe, and
+correct for any row order; sorted rows (what the engine passes) just give fewer runs.
+
+lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
+  1. ``_shrink_kernel``: H[t] = σ·s·sign/√r · x_t B_m(t) (fp32 [T, RP]); B generated once per run.
+  2. ``_gemm_kernel`` MODE=LOWRANK: the shared base GEMM X Wᵀ, then in the epilogue, per
+     chunk of SEGC runs of the tile, one tensor-core dot Hexp [BM, SEGC·RP] · Astack
+     [SEGC·RP, BN] (SEGC·RP = 16), where Hexp holds each row's H in its run's slot and Astack
+     the runs' A tiles generated in registers.
+  Counted for a decode step of Qwen2.5-1.5B shapes (out x in = 1536x1536, 8960x1536,
+  1536x8960), T = N·R = 2048 rows, r = 1, bf16, H100 at 3.3 TB/s, 800 TFLOP/s and ~22e12
+  CUDA-core ops/s (~60 ops per Gaussian, ~6 per sign). Base GEMM: 17.3 / 70.5 / 70.5 MB and
+  9.7 / 56 / 56 GFLOP -> 12.1 / 70.5 / 70.5 us (compute-bound at this T).
+  * unfused SGMV (base + shrink + expand kernel reading and writing Y again): +2T·in + 4T·out
+    bytes = 18.9 / 79.7 / 49.3 MB (+5.7 / 24 / 15 us); predicted ratio 0.67 / 0.74 / 0.82.
+  * chosen, expand fused in the epilogue: +2T·in + 8T·r bytes = 6.3 / 6.3 / 36.7 MB (the
+    shrink reads X again), +2T·in·r + 32T·out FLOPs (1% of the GEMM): +1.9 / 1.9 / 11 us;
+    predicted ratio 0.84 / 0.95 / 0.85 (Gaussian, N = 32; 0.79 / 0.92 / 0.82 at N = 128).
+  * noise: N·r·(in+out) values = 0.1-1.3 M at N = 32-128 (0.3-3.7 us Gaussian); at N = 2048,
+    R = 1 it is 6-21 M values (17-59 us): ratio 0.39-0.53 Gaussian, 0.76-0.89 Rademacher.
+  To reach 0.95 per model the X re-read must go: one shrink for the projections that share X
+  (q/k/v, gate/up), and the down_proj shrink fused into the op that produces its input.
+  ``base="torch"`` runs the base GEMM in cuBLAS and the epilogue kernel adds the low-rank
+  term to Y (one more read + write of Y); the benchmark measures both.
+
+full: Y_m = X_m (W + σ·s·E_m)ᵀ in one K loop: each (X, W) tile pair is loaded once and gives
+  the base dot for all rows; then per run q one more dot, X rows scaled by σ·s·sign (rows of
+  other runs zeroed) times E_q's [BN, BK] tile generated in registers: BN·BK/4 Philox calls
+  plus Box-Muller per value (Gaussian), or BN·BK/32 calls (Rademacher: one per 32-bit word,
+  4x below one-per-128 so each thread owns whole words; ~6 ops per sign, 10x less than a
+  Gaussian). Needs in % 4 (resp. 32) == 0, true for Qwen shapes; else one call per value.
+  Per launch: N·out·in values (+ runs straddling tiles). N = 32 at 1536x1536: 75 M values,
+  ~206 us Gaussian / ~21 us Rademacher against a 12 us GEMM, plus per-run dots of
+  (N + T/BM)·BM rows (~2x the GEMM's tensor-core work): predicted 0.05 / 0.21.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any
+
+import torch
+
+from fastes import _backend
+from fastes.noise import NoiseSpec, split_seed, tensor_id
+
+try:  # importable without Triton: the dispatcher only calls in here for CUDA or the interpreter
+    import triton
+    import triton.language as tl
+
+    from fastes.ops import philox
+except Exception as err:  # noqa: BLE001
+    triton = None
+    _TRITON_ERROR: Exception | None = err
+else:
+    _TRITON_ERROR = None
+
+PLAIN, LOWRANK, FULL = 0, 1, 2
+KIND_INT = {"gaussian": 0, "rademacher": 1}
+_SCALARS = ["key0", "key1", "tid", "step", "coef"]
+
+
+def _as_i32(value: int) -> int:
+    """uint32 -> int32 with the same bits, so one compiled kernel serves every seed and tensor id."""
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+if triton is not None:
+    K_PLAIN, K_LOWRANK, K_FULL = tl.constexpr(PLAIN), tl.constexpr(LOWRANK), tl.constexpr(FULL)
+
+    @triton.jit
+    def _runs(rm_ptr, rows, T, BM: tl.constexpr):
+        """(member [BM] int64, run id [BM] (-1 = unperturbed), run count) of this tile's rows."""
+        valid = rows < T
+        m = tl.load(rm_ptr + rows, mask=valid, other=-1).to(tl.int64)
+        prev = tl.load(rm_ptr + rows - 1, mask=valid & (tl.arange(0, BM) > 0), other=-2).to(tl.int64)
+        start = (m >= 0) & ((tl.arange(0, BM) == 0) | (m != prev))
+        seg = tl.where(m >= 0, tl.cumsum(start.to(tl.int32), axis=0) - 1, -1)
+        return m, seg, tl.sum(start.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _noise_index(m, ANTI: tl.constexpr):
+        """Noise index of member ids ``m`` (fastes.noise.member_noise)."""
+        if ANTI:
+            return m >> 1
+        else:
+            return m
+
+    @triton.jit
+    def _noise_sign(m, ANTI: tl.constexpr):
+        """Float sign of member ids ``m``: -1 for odd members under antithetic sampling."""
+        if ANTI:
+            return 1.0 - 2.0 * (m & 1).to(tl.float32)
+        else:
+            return 1.0 + 0.0 * m.to(tl.float32)
+
+    @triton.jit
+    def _dense_tile(cols, k0, IN, key0, key1, tid, idx, step,
+                    BN: tl.constexpr, BK: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """E[cols, k0:k0+BK] (fp32 [BN, BK]) of a dense stream with rows of length IN.
+
+        BLOCK (IN and BK multiples of 4 resp. 32): one Philox call per 4 Gaussians resp. per
+        32-bit word of signs; otherwise one call per value.
+        """
+        if BLOCK:
+            if KIND == philox.GAUSSIAN:
+                b = (cols.to(tl.int64) * IN + k0)[:, None] // 4 + tl.arange(0, BK // 4)[None, :]
+                return philox.gaussian_blocks_flat(b, key0, key1, tid, idx, step)
+            else:
+                w = (cols.to(tl.int64) * IN + k0)[:, None] // 32 + tl.arange(0, BK // 32)[None, :]
+                w = tl.reshape(w, (BN * (BK // 32),))
+                return tl.reshape(philox.rademacher_words_flat(w, key0, key1, tid, idx, step), (BN, BK))
+        else:
+            e = cols.to(tl.int64)[:, None] * IN + (k0 + tl.arange(0, BK))[None, :]
+            return philox.noise_at(e, key0, key1, tid, idx, step, KIND)
+
+    @triton.jit
+    def _factor_tile(start, rank, n0, idx, key0, key1, tid, step, NR: tl.constexpr, RP: tl.constexpr,
+                     KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows n0..n0+NR of an (x r) factor starting at stream element ``start``: fp32 [len(idx), NR, RP].
+
+        ``idx`` [S] holds one noise index per slot; columns j >= rank are zero. BLOCK: RP == rank,
+        (start + n0·r) and NR·r multiples of 4 (Gaussian) resp. 32 (Rademacher).
+        """
+        S: tl.constexpr = idx.shape[0]
+        if BLOCK:
+            if KIND == philox.GAUSSIAN:
+                b = (start + n0 * rank) // 4 + tl.arange(0, NR * RP // 4)[None, :] + 0 * idx[:, None]
+                v = philox.gaussian_blocks_flat(b, key0, key1, tid, idx[:, None], step)
+            else:
+                NW: tl.constexpr = NR * RP // 32
+                w = (start + n0 * rank) // 32 + tl.arange(0, NW)[None, :] + 0 * idx[:, None]
+                i = tl.reshape(idx[:, None] + 0 * w, (S * NW,))
+                v = philox.rademacher_words_flat(tl.reshape(w, (S * NW,)), key0, key1, tid, i, step)
+            return tl.reshape(v, (S, NR, RP))
+        else:
+            n = (n0 + tl.arange(0, NR)).to(tl.int64)[None, :, None]
+            j = tl.arange(0, RP)[None, None, :]
+            e = start + n * rank + j + 0 * idx[:, None, None]
+            v = philox.noise_at(e, key0, key1, tid, idx[:, None, None], step, KIND)
+            return tl.where(j < rank, v, 0.0)
+
+    @triton.jit(do_not_specialize=_SCALARS)
+    def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, sxt, sxk, key0, key1, tid, step, coef,
+                       KIND: tl.constexpr, ANTI: tl.constexpr, LAYOUT_OK: tl.constexpr, RP: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr):
+        """H[t, :] = coef·sign_t · x_t B_m(t) (fp32, zero for unperturbed rows); B generated once per run."""
+        PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32
+        BLOCK: tl.constexpr = LAYOUT_OK and (BK * RP) % PER == 0
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        m, seg, nruns = _runs(rm_ptr, rows, T, BM)
+        h = tl.zeros([BM, RP], tl.float32)
+        for q in range(nruns):
+            mq = tl.max(tl.where(seg == q, m, -1), axis=0)
+            idx = _noise_index(mq, ANTI)
+            sign = _noise_sign(mq, ANTI)
+            inq = seg == q
+            hq = tl.zeros([BM, RP], tl.float32)
+            for k0 in range(0, IN, BK):
+                ks = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
+                            mask=inq[:, None] & (ks < IN)[None, :], other=0.0).to(tl.float32)
+                one = tl.full([1], 0, tl.int64) + idx
+                b = _factor_tile(0, rank, k0, one, key0, key1, tid, step, BK, RP, KIND, BLOCK)
+                hq += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
+            h = tl.where(inq[:, None], hq * (coef * sign), h)
+        j = tl.arange(0, RP)
+        tl.store(h_ptr + rows.to(tl.int64)[:, None] * RP + j[None, :], h, mask=(rows < T)[:, None])
+
+    @triton.jit(do_not_specialize=_SCALARS)
+    def _gemm_kernel(x_ptr, w_ptr, bias_ptr, rm_ptr, h_ptr, out_ptr, T, OUT, IN, rank, a_start, T_BUCKET,
+                     sxt, sxk, swn, swk, sot, son, key0, key1, tid, step, coef,
+                     MODE: tl.constexpr, KIND: tl.constexpr, ANTI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SKIP_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     LAYOUT_OK: tl.constexpr, RP: tl.constexpr, SEGC: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """out = x Wᵀ (+ per-run noise dots in the K loop: full) (+ low-rank epilogue) + bias."""
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(T, BM)
+        grid_n = tl.cdiv(OUT, BN)
+        group = pid // (GROUP_M * grid_n)  # grouped order: programs in flight share W tiles in L2
+        first_m = group * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+        pid_n = (pid % (GROUP_M * grid_n)) // size_m
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < T
+        cmask = cols < OUT
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * sot + cols[None, :] * son
+        omask = rmask[:, None] & cmask[None, :]
+        PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32  # stream values per Philox word used
+        if MODE != K_PLAIN:
+            m, seg, nruns = _runs(rm_ptr, rows, T, BM)
+        if MODE == K_FULL:
+            rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
+        if SKIP_BASE:  # base (and bias) already in out, from cuBLAS
+            acc = tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], tl.float32)
+            for k0 in range(0, IN, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < IN
+                x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
+                            mask=rmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * swn + ks[None, :] * swk,
+                            mask=cmask[:, None] & kmask[None, :], other=0.0)
+                if UPCAST:  # the interpreter's bf16 dot is wrong
+                    x = x.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+                if MODE == K_FULL:
+                    xc = (x.to(tl.float32) * rcoef[:, None]).to(x.dtype)
+                    for q in range(nruns):
+                        idx = _noise_index(tl.max(tl.where(seg == q, m, -1), axis=0), ANTI)
+                        e = _dense_tile(cols, k0, IN, key0, key1, tid, idx, step, BN, BK, KIND,
+                                        LAYOUT_OK and BK % PER == 0)
+                        xq = tl.where((seg == q)[:, None], xc, tl.zeros_like(xc))
+                        acc = tl.dot(xq, tl.trans(e.to(x.dtype)), acc, input_precision=PREC)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if MODE == K_LOWRANK:
+            j = tl.arange(0, RP)
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * RP + j[None, :], mask=rmask[:, None], other=0.0)
+            for c in range(tl.cdiv(nruns, SEGC)):
+                slots = c * SEGC + tl.arange(0, SEGC)
+                members = tl.max(tl.where(seg[None, :] == slots[:, None], m[None, :], -1), axis=1)
+                idx = _noise_index(members, ANTI)
+                a = _factor_tile(a_start, rank, pid_n * BN, idx, key0, key1, tid, step, BN, RP, KIND,
+                                 LAYOUT_OK and (BN * RP) % PER == 0)  # [SEGC, BN, RP]
+                a = tl.reshape(tl.permute(a, (0, 2, 1)), (SEGC * RP, BN))
+                hexp = tl.where(seg[:, None, None] == slots[None, :, None], h[:, None, :], 0.0)
+                acc = tl.dot(tl.reshape(hexp, (BM, SEGC * RP)), a, acc, input_precision=PREC)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# --------------------------------------------------------------------------- launcher
+
+# (BM, BN, BK, warps, stages), all compiled for sm_90 without a GPU (none spills more than 32 B,
+# the 128x128x64 plain GEMM pipelines in 3 stages at 106 registers); never timed on a GPU.
+# Full mode: the per-run loop inside the K loop stops software pipelining, so stages do not matter
+# there; BK = 128 spills with Gaussian noise. BK % 32 == 0 keeps one Philox call per 32 signs.
+_GPU_CONFIGS = {
+    "gemm": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
+    "full": [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2)],
+    "gemm-fp32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)],  # ieee fp32 dots run on the CUDA cores
+    "full-fp32": [(64, 64, 32, 4, 2)],
+}
+INTERPRET_CONFIG = {"BM": 16, "BN": 64, "BK": 64}  # the interpreter pays per op, not per element
+
+
+@cache
+def _tuned(which: str) -> Any:
+    """Autotuned wrapper of the GEMM kernel (CUDA only: several configs fail under the interpreter)."""
+    configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in _GPU_CONFIGS[which]]
+    key = ["T_BUCKET", "OUT", "IN", "MODE", "KIND", "SKIP_BASE"]
+    return triton.autotune(configs, key=key, restore_value=["out_ptr"])(_gemm_kernel)  # SKIP_BASE adds to out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
+                            mode: str, rank: int, name: str, out: torch.Tensor | None = None,
+                            base: str = "triton", config: dict[str, int] | None = None) -> torch.Tensor:
+    """Triton launcher (arguments validated by ``perturbed_linear``); no host syncs.
+
+    ``out``: optional [T, out] buffer of x's dtype (tests poison it). ``base``: ``triton``
+    (lowrank expand fused in the GEMM epilogue) or ``torch`` (cuBLAS base GEMM, then the
+    epilogue kernel adds the low-rank term to it). ``config``: fixed BM/BN/BK (+ num_warps,
+    num_stages) instead of autotuning; under TRITON_INTERPRET=1 a small fixed config is used.
+    """
+    if triton is None:
+        raise RuntimeError(f"the Triton backend is unavailable: {_TRITON_ERROR}")
+    interp = _backend.triton_interpreted()
+    if x.device.type != "cuda" and not interp:
+        raise ValueError("x must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
+    if base not in ("triton", "torch"):
+        raise ValueError(f"base must be 'triton' or 'torch', got {base!r}")
+    T, IN = x.shape
+    OUT = weight.shape[0]
+    if out is None:
+        out = torch.empty((T, OUT), dtype=x.dtype, device=x.device)
+    elif out.shape != (T, OUT) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(T, OUT)} on {x.device}")
+    if T == 0:
+        return out
+    perturb = noise is not None and row_member is not None and sigma != 0
+    m = PLAIN if not perturb else LOWRANK if mode == "lowrank" else FULL
+    kind = KIND_INT[noise.kind] if noise is not None else 0
+    per = 4 if kind == 0 else 32
+    k0, k1 = split_seed(noise.seed) if noise is not None else (0, 0)
+    scalars = dict(key0=_as_i32(k0), key1=_as_i32(k1), tid=_as_i32(tensor_id(name)),
+                   step=_as_i32(noise.step if noise is not None else 0))
+    anti = bool(noise.antithetic) if noise is not None else False
+    rp = _next_pow2(rank) if m == LOWRANK else 1
+    rm = row_member if row_member is not None else out
+    prec = "ieee" if x.dtype == torch.float32 or interp else "tf32"
+    skip = m == LOWRANK and base == "torch"
+    h = out
+    if m == LOWRANK:
+        h = torch.empty((T, rp), dtype=torch.float32, device=x.device)
+        bms = 32 if interp or T > 4096 else 16  # >= ~128 programs at decode sizes: the shrink is a read of X
+        bks = 128 if interp else max(16, 4096 // (bms * rp))
+        _shrink_kernel[(triton.cdiv(T, bms),)](
+            x, rm, h, T, IN, rank, x.stride(0), x.stride(1), **scalars,
+            coef=float(sigma * scale / math.sqrt(rank)), KIND=kind, ANTI=anti, LAYOUT_OK=rp == rank, RP=rp,
+            BM=bms, BK=bks)
+    if skip:
+        if bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(bias, x, weight.t(), out=out)
+    layout_ok = (rp == rank and (IN * rank) % per == 0) if m == LOWRANK else IN % per == 0
+    args = (x, weight, bias if bias is not None else out, rm, h, out, T, OUT, IN, rank, IN * rank, _next_pow2(T),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1))
+    meta = dict(**scalars, coef=float(sigma * scale), MODE=m, KIND=kind, ANTI=anti, HAS_BIAS=bias is not None,
+                SKIP_BASE=skip, UPCAST=interp and x.dtype != torch.float32, PREC=prec,
+                LAYOUT_OK=layout_ok, RP=rp, SEGC=max(1, 16 // rp), GROUP_M=8)
+    grid = lambda cfg: (triton.cdiv(T, cfg["BM"]) * triton.cdiv(OUT, cfg["BN"]),)
+    if interp or config is not None:
+        cfg = dict(INTERPRET_CONFIG if config is None else config)
+        _gemm_kernel[grid(cfg)](*args, **meta, **cfg)
+    else:
+        _tuned(("full" if m == FULL else "gemm") + ("-fp32" if x.dtype == torch.float32 else ""))[grid](*args, **meta)
+    return out
