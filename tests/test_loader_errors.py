@@ -62,7 +62,8 @@ def test_bad_json(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "gpt2"}, r"unsupported architecture 'gpt2' \(supported: llama, qwen2, qwen3\)"),
+    ({"model_type": "gpt2"},
+     r"unsupported architecture 'gpt2' \(supported: llama, qwen2, qwen3, gemma3_text, gemma3\)"),
     ({"model_type": None}, "unsupported architecture None"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs a positive 'low_freq_factor'"),

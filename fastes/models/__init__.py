@@ -1,4 +1,4 @@
-"""Model definitions (Llama / Qwen2 / Qwen3), the HF safetensors loader/saver and the tokenizer."""
+"""Model definitions (Llama / Qwen2 / Qwen3 / Gemma 3 text), the HF safetensors loader/saver and the tokenizer."""
 
 from __future__ import annotations
 

@@ -5,9 +5,16 @@ transformers 4.x layout (``rope_theta`` + ``rope_scaling``) and the 5.x layout
 (``rope_parameters``) load the same, and so that a bad file fails with one line.
 
 Families are small specs (``FAMILIES``): each says which optional pieces the
-architecture has (q/k/v bias, q/k norm, ...). Adding a family (e.g. Gemma 3) means
-adding a spec here plus whatever new pieces the forward needs (``embed_scale``,
-``norm_offset`` and per-layer sliding windows are already fields for that reason).
+architecture has (q/k/v bias, q/k norm, ...). A spec may also return the fields it
+parses itself (activation, rope, sliding windows), which the generic parser then
+leaves alone: Gemma 3 does, since its config.json describes two ropes (local and
+global) and its layer pattern differently from Llama/Qwen. Keys a family's
+config.json may leave out take transformers' defaults for that family
+(``DEFAULTS``), because transformers fills them in the same way.
+
+Gemma 3 multimodal checkpoints (model_type ``gemma3``) load as their text part: the
+config is ``text_config`` (top-level token ids and dtype carried over) and
+``raw`` becomes a ``gemma3_text`` config, so a saved copy is a Gemma3ForCausalLM.
 """
 
 from __future__ import annotations
@@ -36,7 +43,58 @@ def _qwen3(raw: dict[str, Any]) -> dict[str, Any]:
     return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": False, "qk_norm": True}
 
 
-FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3}
+def _gemma3(raw: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3 text: sandwich norms, (1 + w) norms, scaled embeddings, local/global layers with two ropes."""
+    if raw.get("attn_logit_softcapping") is not None:
+        raise ValueError("attn_logit_softcapping is not supported (Gemma 3 checkpoints set none; Gemma 2 is not "
+                         "supported)")
+    if raw.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention (embedding models) is not supported: fastes is causal only")
+    act = raw.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported hidden_activation {act!r} for gemma3 (supported: gelu_pytorch_tanh)")
+    layers = _get(raw, "num_hidden_layers", int)
+    types = raw.get("layer_types")
+    if types is None:  # 4.x layout: every pattern-th layer is global, the others local
+        pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+            raise ValueError(f"config.json sliding_window_pattern must be a positive integer, got {pattern!r}")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    windows = _sliding({"use_sliding_window": True, "sliding_window": raw.get("sliding_window"),
+                        "layer_types": types}, layers)
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):  # 5.x: per layer type
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:  # 4.x: rope_theta + rope_scaling are the global rope, rope_local_base_freq the local one
+        full, local = dict(params or raw.get("rope_scaling") or {}), {}
+    full.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+    theta, rope_type, scaling = _rope({"rope_parameters": full})
+    local_theta, local_type, local_scaling = _rope({"rope_parameters": local})
+    scalar = _get(raw, "query_pre_attn_scalar", float, 256.0)
+    if not scalar > 0:
+        raise ValueError(f"config.json query_pre_attn_scalar must be positive, got {scalar!r}")
+    cap = raw.get("final_logit_softcapping")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+        raise ValueError(f"config.json final_logit_softcapping must be a positive number or null, got {cap!r}")
+    bias = bool(raw.get("attention_bias", False))
+    return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": False, "qk_norm": True, "sandwich_norm": True,
+            "hidden_act": act, "sliding_windows": windows, "rope_theta": theta, "rope_type": rope_type,
+            "rope_scaling": scaling, "local_rope_theta": local_theta, "local_rope_type": local_type,
+            "local_rope_scaling": local_scaling, "attn_scale": scalar**-0.5,
+            "embed_scale": _get(raw, "hidden_size", int) ** 0.5, "norm_offset": 1.0,
+            "final_logit_softcap": float(cap or 0.0)}
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3_text": _gemma3}
+
+# transformers' Gemma3TextConfig defaults: hub configs (the multimodal ones above all) leave these out
+DEFAULTS: dict[str, dict[str, Any]] = {"gemma3_text": {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "eos_token_id": 1, "bos_token_id": 2,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096}}
 
 
 @dataclass(frozen=True)
@@ -62,10 +120,15 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    sandwich_norm: bool = False  # Gemma: norms after attention and MLP too, and a separate pre-MLP norm
     sliding_windows: tuple[int | None, ...] = ()
     attn_scale: float = 0.0  # 0: head_dim ** -0.5
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
     norm_offset: float = 0.0  # Gemma's RMSNorm uses (offset + weight)
+    local_rope_theta: float = 0.0  # > 0: sliding-window layers use this rope (Gemma 3's local layers)
+    local_rope_type: str = "default"
+    local_rope_scaling: dict[str, Any] = field(default_factory=dict, compare=False)
+    final_logit_softcap: float = 0.0  # > 0: logits = cap · tanh(logits / cap)
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -94,6 +157,9 @@ class ModelConfig:
             p = f"model.layers.{layer}."
             out[p + "input_layernorm.weight"] = ((h,), "norm")
             out[p + "post_attention_layernorm.weight"] = ((h,), "norm")
+            if self.sandwich_norm:
+                out[p + "pre_feedforward_layernorm.weight"] = ((h,), "norm")
+                out[p + "post_feedforward_layernorm.weight"] = ((h,), "norm")
             for proj, shape in (("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q))):
                 out[p + f"self_attn.{proj}.weight"] = (shape, "matrix")
                 if (self.qkv_bias and proj != "o_proj") or (self.o_bias and proj == "o_proj"):
@@ -198,11 +264,31 @@ def _eos(raw: dict[str, Any]) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _gemma3_text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The text part of a multimodal ``gemma3`` config.json, as the config.json of a Gemma3ForCausalLM."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError("gemma3 config.json has no text_config object")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ValueError(f"gemma3 text_config has model_type {text.get('model_type')!r}, expected 'gemma3_text'")
+    out = dict(text, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id", "torch_dtype", "dtype"):
+        if raw.get(key) is not None:  # hub configs keep these at the top level
+            out[key] = raw[key]
+    if "tie_word_embeddings" not in out and "tie_word_embeddings" in raw:
+        out["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    return out
+
+
 def _from_dict(raw: dict[str, Any]) -> ModelConfig:
+    if raw.get("model_type") == "gemma3":
+        raw = _gemma3_text_config(raw)
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
-        supported = ", ".join(FAMILIES)
+        supported = ", ".join([*FAMILIES, "gemma3"])
         raise ValueError(f"unsupported architecture {model_type!r} (supported: {supported})")
+    saved = raw
+    raw = {**DEFAULTS.get(model_type, {}), **raw}
     family = FAMILIES[model_type](raw)
     hidden = _get(raw, "hidden_size", int)
     heads = _get(raw, "num_attention_heads", int)
@@ -218,10 +304,15 @@ def _from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"unsupported hidden_act {act!r} (supported: silu)")
-    theta, rope_type, scaling = _rope(raw)
+    if "hidden_act" not in family:
+        family["hidden_act"] = raw.get("hidden_act", "silu")
+        if family["hidden_act"] != "silu":
+            raise ValueError(f"unsupported hidden_act {family['hidden_act']!r} (supported: silu)")
+    if "rope_theta" not in family:
+        theta, rope_type, scaling = _rope(raw)
+        family.update(rope_theta=theta, rope_type=rope_type, rope_scaling=scaling)
+    if "sliding_windows" not in family:
+        family["sliding_windows"] = _sliding(raw, layers)
     eps = _get(raw, "rms_norm_eps", float, 1e-6)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"config.json rms_norm_eps must be positive, got {eps!r}")
@@ -237,19 +328,14 @@ def _from_dict(raw: dict[str, Any]) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=eps,
-        rope_theta=theta,
-        rope_type=rope_type,
-        rope_scaling=scaling,
         max_position_embeddings=_get(raw, "max_position_embeddings", int, 2048),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        hidden_act=act,
-        sliding_windows=_sliding(raw, layers),
         torch_dtype=dtype if isinstance(dtype, str) else None,
         bos_token_id=bos if isinstance(bos, int) and not isinstance(bos, bool) else None,
         eos_token_ids=_eos(raw),
-        raw=dict(raw),
+        raw=dict(saved),
         **family,
     )
 
 
-__all__ = ["ModelConfig", "FAMILIES", "SUPPORTED_ROPE", "read_config_json"]
+__all__ = ["ModelConfig", "FAMILIES", "DEFAULTS", "SUPPORTED_ROPE", "read_config_json"]

@@ -1,4 +1,4 @@
-"""The decoder forward of Llama / Qwen2 / Qwen3, written over flat packed tokens (vLLM style).
+"""The decoder forward of Llama / Qwen2 / Qwen3 / Gemma 3, written over flat packed tokens (vLLM style).
 
 One forward serves prefill chunks and decode steps of many sequences and of many
 population members at once: rows are tokens, ``row_member`` tags each row with its
@@ -8,6 +8,17 @@ under their HF names, so noise (keyed by name) and checkpoints line up with HF.
 
 No Python loop runs over tokens; loops are over layers and, for the small 1-D
 perturbations, over the members present in the batch.
+
+Gemma 3 differs from the others by config flags, not by a separate class, so noise,
+LoRA, scales and saving stay one code path: embeddings times √hidden (rounded to the
+model dtype first, as transformers does), (1 + w) RMSNorms computed in fp32, norms
+after attention and after the MLP plus a separate pre-MLP norm (``sandwich_norm``),
+GELU-tanh MLP, softmax scale query_pre_attn_scalar^-½, and sliding-window layers that
+use their own rope base (``local_rope_theta``).
+
+Sliding-window layers read only the last ``window`` positions, but their blocks are
+not freed early: a block holds one position range for *all* layers (the block table is
+per sequence, not per layer), and global layers still need every position.
 """
 
 from __future__ import annotations
@@ -58,12 +69,18 @@ class _Rows:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """x · rsqrt(mean(x²) + eps) in fp32, cast back, times (offset + weight); weight [D] or per-row [T, D]."""
+    """x · rsqrt(mean(x²) + eps) times (offset + weight); weight [D] or per-row [T, D].
+
+    Without offset (Llama/Qwen) the normalized x is cast back before the weight multiplies it;
+    with one (Gemma) everything stays fp32 until the end, since 1 + w rounded to bf16 loses w.
+    """
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight.dim() == 2 and x.dim() == 3:
         weight = weight.unsqueeze(1)
-    return (weight + offset) * normed if offset else weight * normed
+    if offset:
+        return (normed * (weight.float() + offset)).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 class CausalLM:
@@ -78,6 +95,7 @@ class CausalLM:
         self._scales: dict[str, float] | None = None
         first = params["model.embed_tokens.weight"]
         self._inv_freq = inv_freq(config).to(first.device)
+        self._inv_freq_local = inv_freq(config, local=True).to(first.device) if config.local_rope_theta else None
 
     # ------------------------------------------------------------------ properties and bookkeeping
 
@@ -147,13 +165,22 @@ class CausalLM:
         rows = _Rows(row_member if perturbation is not None else None)
         pert = perturbation
         h = self._embed(input_ids, rows, pert)
-        cos, sin = rope_cos_sin(positions, self._inv_freq)
+        rope = rope_cos_sin(positions, self._inv_freq)
+        local_rope = rope_cos_sin(positions, self._inv_freq_local) if self._inv_freq_local is not None else rope
         for layer in range(cfg.num_layers):
             p = f"model.layers.{layer}."
+            cos, sin = local_rope if cfg.sliding_window(layer) is not None else rope
             x = self._norm(h, p + "input_layernorm.weight", rows, pert)
-            h = h + self._attention(x, layer, cos, sin, attn, kv_caches[layer], rows, pert)
-            x = self._norm(h, p + "post_attention_layernorm.weight", rows, pert)
-            h = h + self._mlp(x, p + "mlp.", rows, pert)
+            a = self._attention(x, layer, cos, sin, attn, kv_caches[layer], rows, pert)
+            if cfg.sandwich_norm:  # Gemma: normalize each branch's output before the residual add
+                h = h + self._norm(a, p + "post_attention_layernorm.weight", rows, pert)
+                x = self._norm(h, p + "pre_feedforward_layernorm.weight", rows, pert)
+                h = h + self._norm(self._mlp(x, p + "mlp.", rows, pert), p + "post_feedforward_layernorm.weight",
+                                   rows, pert)
+            else:
+                h = h + a
+                x = self._norm(h, p + "post_attention_layernorm.weight", rows, pert)
+                h = h + self._mlp(x, p + "mlp.", rows, pert)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)
             rows = rows.select(logits_indices)
@@ -173,13 +200,20 @@ class CausalLM:
         role = "tied" if self.config.tie_word_embeddings else "embedding"
         args = self._op_args(name, 2, role, pert)
         h = perturbed_embedding(ids, self.params[name], rows.member, name=name, **args)  # type: ignore[arg-type]
-        return h * self.config.embed_scale if self.config.embed_scale != 1.0 else h
+        if self.config.embed_scale == 1.0:
+            return h
+        # the scale is rounded to the model dtype before multiplying (bf16: √1152 = 33.94 -> 34.0), as in HF;
+        # a Python float (exact in that dtype) rather than a device tensor keeps this CUDA-graph safe
+        return h * float(torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype))
 
     def _lm_head(self, h: torch.Tensor, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
         tied = self.config.tie_word_embeddings
         name, role = ("model.embed_tokens.weight", "tied") if tied else ("lm_head.weight", "lm_head")
         args = self._op_args(name, 2, role, pert)
-        return perturbed_linear(h, self.params[name], None, rows.member, name=name, **args)  # type: ignore[arg-type]
+        logits = perturbed_linear(h, self.params[name], None, rows.member, name=name,
+                                  **args)  # type: ignore[arg-type]
+        cap = self.config.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits  # in the model dtype, as transformers does
 
     def _norm(self, x: torch.Tensor, name: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
         weight = self.params[name]
@@ -228,7 +262,8 @@ class CausalLM:
     def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
         gate = self._linear(x, prefix + "gate_proj.", rows, pert)
         up = self._linear(x, prefix + "up_proj.", rows, pert)
-        return self._linear(F.silu(gate) * up, prefix + "down_proj.", rows, pert)
+        act = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_pytorch_tanh" else F.silu(gate)
+        return self._linear(act * up, prefix + "down_proj.", rows, pert)
 
 
 __all__ = ["CausalLM", "rms_norm", "KVCaches"]

@@ -5,6 +5,11 @@ shape, and nothing else may be (beyond known-harmless extras such as rotary
 ``inv_freq`` buffers), because a silently missing or ignored tensor makes a model
 that generates plausible nonsense. Errors are one-line ValueErrors.
 
+Multimodal Gemma 3 checkpoints (model_type ``gemma3``) load as their text part: the
+language model's tensors are renamed to the Gemma3ForCausalLM names (``model.…``,
+``lm_head.weight``) and the vision tower and projector are skipped; saving such a
+model writes a text-only gemma3_text directory.
+
 Saving writes into a temporary sibling directory and renames it into place, so a
 kill leaves either the previous directory or the complete new one, never a mix.
 """
@@ -29,6 +34,10 @@ from fastes.models.decoder import CausalLM
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 IGNORED_EXTRAS = re.compile(r".*\.rotary_emb\.inv_freq$")
+# multimodal gemma3: stored prefix -> text model prefix (transformers 4.50 / hub layout, then >= 4.52 layout)
+TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."))
+NON_TEXT = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -72,9 +81,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     path = Path(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-    config = ModelConfig.from_dict(read_config_json(path))
+    raw = read_config_json(path)
+    config = ModelConfig.from_dict(raw)
     expected = config.param_shapes()
     files = weight_files(path)
+    stored = {name: name for name in files}  # our (HF text model) name -> name inside the file
+    if raw.get("model_type") == "gemma3":
+        stored, files = _text_part(files)
     tied_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [n for n in expected if n not in files]
     unexpected = [n for n in files if n not in expected and n not in tied_extra and not IGNORED_EXTRAS.match(n)]
@@ -91,7 +104,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored[name])
                     shape = expected[name][0]
                     if tuple(tensor.shape) != shape:
                         raise ValueError(f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
@@ -102,6 +115,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {str(file)!r}: {str(err).splitlines()[0] if str(err) else err!r}") from None
     return CausalLM(config, params, source_dir=path)
+
+
+def _text_part(files: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
+    """Renamed language-model tensors of a multimodal checkpoint: (name -> stored name, name -> file)."""
+    stored: dict[str, str] = {}
+    for name in files:
+        if NON_TEXT.match(name):
+            continue
+        new = next((short + name[len(long):] for long, short in TEXT_PREFIXES if name.startswith(long)), name)
+        stored[new] = name
+    return stored, {new: files[old] for new, old in stored.items()}
 
 
 def _config_for_save(model: CausalLM) -> dict[str, Any]:

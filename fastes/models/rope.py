@@ -3,6 +3,8 @@
 Frequencies are computed in float64 and stored as float32 once per model; cos/sin are
 built per forward from the packed positions, so any mix of prefill and decode rows works.
 The "half-split" layout is used: dims [0, D/2) pair with [D/2, D).
+A model may have two ropes: Gemma 3's sliding-window (local) layers use their own base
+(``ModelConfig.local_rope_*``), its global layers the main one with its scaling.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ import torch
 from fastes.models.config import ModelConfig
 
 
-def inv_freq(config: ModelConfig) -> torch.Tensor:
-    """float32 [head_dim / 2] inverse frequencies for the config's rope type."""
-    dim = config.head_dim
+def inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """float32 [head_dim / 2] inverse frequencies: the main rope, or the local one (when the config has it)."""
+    if local and config.local_rope_theta > 0:
+        return _inv_freq(config.head_dim, config.local_rope_theta, config.local_rope_type, config.local_rope_scaling)
+    return _inv_freq(config.head_dim, config.rope_theta, config.rope_type, config.rope_scaling)
+
+
+def _inv_freq(dim: int, theta: float, rope_type: str, params: dict) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
-    freq = 1.0 / (config.rope_theta**exponents)
-    params = config.rope_scaling
-    if config.rope_type == "linear":
+    freq = 1.0 / (theta**exponents)
+    if rope_type == "linear":
         freq = freq / float(params["factor"])
-    elif config.rope_type == "llama3":
+    elif rope_type == "llama3":
         freq = _llama3(freq, float(params["factor"]), float(params["low_freq_factor"]),
                        float(params["high_freq_factor"]), float(params["original_max_position_embeddings"]))
-    elif config.rope_type != "default":
-        raise ValueError(f"unsupported rope type {config.rope_type!r}")
+    elif rope_type != "default":
+        raise ValueError(f"unsupported rope type {rope_type!r}")
     return freq.to(torch.float32)
 
 
