@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fastes.noise import NoiseSpec, check_rank, member_noise_tensor
+from fastes.noise import NoiseSpec, check_rank, member_noise_tensor, tensor_id
 from fastes.ops import member_noise
 from fastes.ops.checks import check_tensor
 from fastes.ops.stochastic_round import stochastic_round_ref
@@ -97,17 +97,16 @@ def es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: 
             raise ValueError(f"{arg} must be a finite number, got {value!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    tensor_id(name)  # validates the name even when every coefficient folds to zero
     if weight.dim() == 1:
         mode = "full"
     args = (weight, noise, coeffs, lr, scale, mode, rank, name)
     if backend == "reference":
         weight.copy_(es_update_ref(*args))
     elif backend == "triton" or (backend == "auto" and weight.is_cuda):
+        from fastes.ops.es_update_triton import es_update_triton
+
         es_update_triton(*args)
     else:
         _es_update_cpu(*args)
     return weight
-
-
-def es_update_triton(*args: object) -> None:  # replaced by the Triton launcher
-    raise NotImplementedError("Triton es_update not built yet")

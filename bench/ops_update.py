@@ -1,0 +1,188 @@
+"""Benchmark of es_update (W ← W + lr·s·Σ c_m·E_m in place) at Qwen2.5-1.5B shapes.
+
+``python -m bench.ops_update [--quick]``. On a GPU: the Triton kernel alone (``plan_es_update``,
+host-side folding excluded) and the whole op, timed with ``triton.testing.do_bench``; lowrank is
+reported as achieved bandwidth (W read + written once) next to the device's measured copy
+bandwidth (DESIGN.md section 7 anchor), full as noise values per second (K distinct indices ×
+numel / time). On CPU: the CPU path (torch + C++ noise fill when built), wall-clock medians.
+Raw timings, device, versions and git commit go to bench/results/ops_update-<device>-<timestamp>.json.
+
+Two numbers at the headline case (8960 × 1536 bf16, N = 32 antithetic, r = 1; derivation in
+fastes/ops/es_update_triton.py): 55.1 MB moved (16.4 µs at 3.35 TB/s); 0.44 GFLOP of GEMM plus
+4.73e6 Philox calls (3.44e6 of them for the rounding bits) and 2.6e6 Box–Muller pairs, ≈ 0.58e9
+issued lane-instructions with the default "tf32x3" GEMM (0.80e9 with "ieee"). Predicted H100:
+≈ 20 µs (≈ 80 % of peak bandwidth), ≈ 27 µs with "ieee"; fp32 memory-bound at ≈ 33 µs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fastes.noise import NoiseSpec
+from fastes.ops.es_update import es_update
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV heads of 128, vocab 151936.
+SHAPES = {"q_proj/o_proj": (1536, 1536), "k_proj/v_proj": (256, 1536), "gate/up_proj": (8960, 1536),
+          "down_proj": (1536, 8960), "embed/lm_head": (151936, 1536)}
+QUICK_SHAPES = {"k_proj/v_proj (quick)": (256, 1536), "small (quick)": (128, 256)}
+MEMBERS = (8, 32, 128)
+# Lowrank tile / GEMM-precision variants timed once on GPU (the interpreter cannot tell them apart).
+VARIANTS = [{"block_m": 64, "block_n": 128, "precision": "ieee"}, {"block_m": 32, "block_n": 128, "num_warps": 4},
+            {"block_m": 64, "block_n": 64, "num_warps": 4}, {"block_m": 128, "block_n": 128},
+            {"block_m": 64, "block_n": 128, "num_warps": 4}]
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _environment(device: str) -> dict[str, object]:
+    env: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "platform": platform.platform(), "git_commit": _git_commit()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = platform.processor() or platform.machine()
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def _gpu_times(fn: Callable[[], None]) -> list[float]:
+    """All do_bench samples (ms) of ``fn``."""
+    from triton.testing import do_bench
+
+    times = do_bench(fn, warmup=25, rep=100, return_mode="all")
+    return [float(t) for t in times]
+
+
+def _cpu_times(fn: Callable[[], None], repeats: int) -> list[float]:
+    fn()  # warm-up (first-call allocations)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _case(shape: tuple[int, int], dtype: torch.dtype, mode: str, members: int, device: str, repeats: int,
+          variant: dict[str, object] | None = None) -> dict[str, object]:
+    weight = (torch.randn(shape, device=device) * 0.02).to(dtype)
+    spec = NoiseSpec(seed=1234, step=7, antithetic=True)
+    coeffs = torch.randn(members, dtype=torch.float64) / members
+    indices = members // 2
+    row: dict[str, object] = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mode": mode,
+                              "members": members, "noise_indices": indices, "rank": 1}
+    bytes_moved = 2 * weight.numel() * weight.element_size()
+    if device == "cuda":
+        from fastes.ops.es_update_triton import plan_es_update
+
+        launch = plan_es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight", **(variant or {}))
+        row["variant"] = variant or "default"
+        row["kernel_ms_all"] = _gpu_times(launch)
+        if variant is None:  # the whole op once per case: host folding + upload + launch
+            row["op_ms_all"] = _gpu_times(lambda: es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight"))
+        ms = statistics.median(row["kernel_ms_all"])
+    else:
+        row["op_ms_all"] = _cpu_times(
+            lambda: es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight", backend="cpu"), repeats)
+        ms = statistics.median(row["op_ms_all"])
+    row["median_ms"] = ms
+    row["bandwidth_GBps"] = bytes_moved / (ms * 1e-3) / 1e9
+    row["noise_values_per_s"] = indices * weight.numel() / (ms * 1e-3) if mode == "full" else None
+    return row
+
+
+def _copy_bandwidth(numel: int, dtype: torch.dtype) -> float:
+    """GB/s of a device-to-device copy (read + write) of ``numel`` elements: the roofline we compare to."""
+    src = torch.empty(numel, dtype=dtype, device="cuda")
+    dst = torch.empty_like(src)
+    ms = statistics.median(_gpu_times(lambda: dst.copy_(src)))
+    return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def run(quick: bool) -> dict[str, object]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the torch CPU path would take minutes per call at the vocabulary shape
+        shapes = QUICK_SHAPES if quick else {k: v for k, v in SHAPES.items() if k != "embed/lm_head"}
+    else:
+        shapes = {k: v for k, v in SHAPES.items() if not quick or k != "embed/lm_head"}
+    members_list = (8, 32) if quick and device == "cpu" else MEMBERS
+    rows: list[dict[str, object]] = []
+    for label, shape in shapes.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            copy_bw = _copy_bandwidth(shape[0] * shape[1], dtype) if device == "cuda" else None
+            for mode in ("lowrank", "full"):
+                for members in members_list:
+                    row = _case(shape, dtype, mode, members, device, repeats=3 if quick else 5)
+                    row["label"], row["copy_bandwidth_GBps"] = label, copy_bw
+                    if copy_bw:
+                        row["fraction_of_copy_bandwidth"] = row["bandwidth_GBps"] / copy_bw
+                    rows.append(row)
+                    _print(row)
+    if device == "cuda":  # tile / precision variants at the headline case
+        copy_bw = _copy_bandwidth(8960 * 1536, torch.bfloat16)
+        for variant in VARIANTS:
+            try:
+                row = _case((8960, 1536), torch.bfloat16, "lowrank", 32, device, 0, variant)
+                row["fraction_of_copy_bandwidth"] = row["bandwidth_GBps"] / copy_bw
+            except Exception as err:  # noqa: BLE001 - a variant that does not compile is data too
+                row = {"variant": variant, "error": repr(err)}
+            rows.append(row)
+            _print(row)
+    return {"benchmark": "ops_update", "quick": quick, "environment": _environment(device),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": rows}
+
+
+def _print(row: dict[str, object]) -> None:
+    if "error" in row:
+        print(f"variant {row['variant']}: {row['error']}")
+        return
+    extra = ""
+    if row.get("fraction_of_copy_bandwidth") is not None:
+        extra = f"  {100 * row['fraction_of_copy_bandwidth']:5.1f}% of copy"
+    if row["noise_values_per_s"]:
+        extra += f"  {row['noise_values_per_s'] / 1e9:8.2f} Gvalues/s"
+    print(f"{row['mode']:8s} {str(tuple(row['shape'])):15s} {row['dtype']:9s} N={row['members']:<4d} "
+          f"{row['median_ms']:9.3f} ms  {row['bandwidth_GBps']:8.1f} GB/s{extra}  {row.get('variant', '')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes on CPU, no vocabulary shape on GPU")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
+    args = parser.parse_args()
+    result = run(args.quick)
+    name = str(result["environment"]["device"]) or "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    out = args.out or RESULTS / f"ops_update-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
