@@ -12,7 +12,8 @@ sequence s sits at position p = seq_lens[s] − q_len_s + i and attends causally
 positions 0..p (and only to p − window < pos when ``sliding_window`` is set). GQA:
 query head h reads kv head h // (q_heads // kv_heads). Decode is q_len = 1.
 
-This file holds the torch references and the dispatchers; the Triton kernels live
+This file holds the torch reference (a per-sequence loop: the oracle), a vectorized
+torch path (the CPU backend) and the dispatchers; the Triton kernels live
 beside them in attention_triton.py (CUDA, and the interpreter in tests).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -70,6 +71,53 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_start: torch.Tensor,
+                  q_lens: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                  sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded batched attention for a group of sequences: (out rows [n, H, D], their row indices [n])."""
+    num_seqs, (total_rows, q_heads, dim) = seq_lens.numel(), q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    max_q, max_len = int(q_lens.max()), int(seq_lens.max())
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :num_blocks].clamp_min(0).long()
+    keys = k_cache[tables].reshape(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
+    values = v_cache[tables].reshape(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
+    offs = torch.arange(max_q, device=q.device)
+    valid_q = offs.unsqueeze(0) < q_lens.unsqueeze(1)  # [S, max_q]
+    rows = (q_start.unsqueeze(1) + offs.unsqueeze(0)).clamp(max=total_rows - 1)
+    queries = q[rows].float().reshape(num_seqs, max_q, kv_heads, group, dim)
+    q_pos = (seq_lens - q_lens).unsqueeze(1) + offs.unsqueeze(0)  # [S, max_q]
+    k_pos = torch.arange(max_len, device=q.device)
+    allowed = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)
+    if sliding_window is not None:
+        allowed &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(2) - sliding_window
+    allowed |= ~valid_q.unsqueeze(2) & (k_pos.view(1, 1, -1) == 0)  # padding rows: finite, then dropped
+    scores = torch.einsum("sqkgd,slkd->skgql", queries, keys) * scale
+    scores = scores.masked_fill(~allowed.view(num_seqs, 1, 1, max_q, max_len), float("-inf"))
+    out = torch.einsum("skgql,slkd->sqkgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(num_seqs, max_q, q_heads, dim)[valid_q], rows[valid_q]
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """Vectorized torch path (the CPU backend): decodes in one padded batch, prefill chunks in another.
+
+    Splitting by q_len keeps the padded score tensor small when one long prefill chunk
+    shares a step with many single-token decodes.
+    """
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.long()
+    q_lens, starts, lens = cu[1:] - cu[:-1], cu[:-1], seq_lens.long()
+    for selected in (q_lens == 1, q_lens > 1):
+        if bool(selected.any()):
+            values, rows = _attend_group(q, k_cache, v_cache, starts[selected], q_lens[selected], lens[selected],
+                                         block_tables[selected], scale, sliding_window)
+            out[rows] = values.to(q.dtype)
+    return out
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -104,4 +152,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
         return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                       sliding_window, max_q_len)
-    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
+    if backend == "reference":
+        return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
+    return paged_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)

@@ -7,20 +7,54 @@ never call it, they regenerate noise in registers.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
 from fastes.noise import NoiseSpec, tensor_id
 
+CACHE_BYTES = 256 << 20
+_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_cache_bytes = 0
+
+
+def _cached(key: tuple, make: object) -> torch.Tensor:
+    """LRU over CPU noise: a step's forwards reuse every member's factors; noise is a pure function of the key."""
+    global _cache_bytes
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    value = make()  # type: ignore[operator]
+    size = value.numel() * value.element_size()
+    if size <= CACHE_BYTES // 4:
+        _cache[key] = value
+        _cache_bytes += size
+        while _cache_bytes > CACHE_BYTES:
+            _, old = _cache.popitem(last=False)
+            _cache_bytes -= old.numel() * old.element_size()
+    return value
+
+
+def clear_cache() -> None:
+    global _cache_bytes
+    _cache.clear()
+    _cache_bytes = 0
+
 
 def stream_tensor(spec: NoiseSpec, name: str, index: int, numel: int, offset: int = 0,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Elements offset.. of one noise stream as float32 [numel] on ``device``."""
+    """Elements offset.. of one noise stream as float32 [numel] on ``device`` (read-only: it may be cached)."""
     from fastes.ops.noise import noise_fill
 
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    noise_fill(out, spec.seed, tensor_id(name), index, spec.step, offset, spec.kind)
-    return out
+    def make() -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        noise_fill(out, spec.seed, tensor_id(name), index, spec.step, offset, spec.kind)
+        return out
+
+    if torch.device(device).type != "cpu":
+        return make()
+    return _cached((spec.seed, spec.step, spec.kind, name, index, numel, offset), make)
 
 
 def dense(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],
@@ -28,12 +62,12 @@ def dense(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],
     """Signed dense E_m (float32)."""
     index, sign = spec.member(member)
     values = stream_tensor(spec, name, index, math.prod(shape), 0, device).reshape(shape)
-    return values if sign > 0 else values.neg_()
+    return values.clone() if sign > 0 else -values
 
 
 def lowrank_factors(spec: NoiseSpec, name: str, member: int, out_features: int, in_features: int, rank: int,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(A [out, r], B [in, r], sign) of member ``member``; E_m = sign · A Bᵀ / √r."""
+    """(A [out, r], B [in, r], sign) of member ``member``; E_m = sign · A Bᵀ / √r. A and B are read-only."""
     index, sign = spec.member(member)
     flat = stream_tensor(spec, name, index, (in_features + out_features) * rank, 0, device)
     b = flat[: in_features * rank].reshape(in_features, rank)

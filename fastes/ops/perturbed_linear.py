@@ -37,23 +37,34 @@ def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out.to(device=x.device, dtype=x.dtype)
 
 
+def _member_segments(row_member: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """(member, rows) per member present; rows sorted by member (the engine's order) come as slices."""
+    out: list[tuple[int, slice | torch.Tensor]] = []
+    for m in members_present(row_member):
+        rows = (row_member == m).nonzero().squeeze(1)
+        first, last = int(rows[0]), int(rows[-1])
+        out.append((m, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
+    return out
+
+
 def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
                           mode: str, rank: int, name: str) -> torch.Tensor:
-    """Shared base GEMM plus per-member correction terms computed with torch."""
+    """Shared base GEMM, then each member's term on its own rows (the C++ fill draws the noise).
+
+    lowrank: (X_m B_m) A_mᵀ·σ·s/√r, 2·rows·(in + out)·r FLOPs per member; full: X_m E_mᵀ·σ·s.
+    """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
         return out
-    for m in members_present(row_member):
-        rows = (row_member == m).nonzero().squeeze(1)
-        xs = x.index_select(0, rows).float()
+    for m, rows in _member_segments(row_member):
+        xs = x[rows].float()
         if mode == "lowrank":
             a, b, sign = member_noise.lowrank_factors(noise, name, m, weight.shape[0], weight.shape[1], rank, x.device)
-            delta = (xs @ b) @ a.T * (sign * sigma * scale / math.sqrt(rank))
+            delta = (xs @ b) @ (a.T * (sign * sigma * scale / math.sqrt(rank)))
         else:
-            e = member_noise.dense(noise, name, m, tuple(weight.shape), x.device)
-            delta = (xs @ e.T) * (sigma * scale)
-        out.index_add_(0, rows, delta.to(out.dtype))
+            delta = (xs @ member_noise.dense(noise, name, m, tuple(weight.shape), x.device).T) * (sigma * scale)
+        out[rows] += delta.to(out.dtype)
     return out
 
 

@@ -1,0 +1,256 @@
+"""`fastes train | eval | generate | bench`: argument parsing only; the work lives in fastes.es and the engine.
+
+Bad input (missing file, unknown key or task, invalid value, malformed model directory)
+is reported as one line on stderr with exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+TRAIN_HELP = """\
+Every config key can be overridden: --key value for top-level keys (--model DIR, --task NAME, --steps N,
+--out DIR, --resume DIR, --seed N), --section.key value for sections (--population.size 32, --optim.lr 1e-3,
+--sampling.max_tokens 256), or --key value when the key is unique across sections (--lr 1e-3).
+Task options: --task_options.NAME value. Without --config, the bundled demo (configs/demo.yaml) runs."""
+
+
+class BadInput(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="fastes", description="Evolution Strategies fine-tuning of LLMs at the cost of batched "
+                     "inference.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,bench,analyze}", parser_class=_Parser)
+    train = sub.add_parser("train", help="run ES training from a YAML config", epilog=TRAIN_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    train.add_argument("--config", help="YAML config (default: the bundled demo)")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan; run nothing")
+    ev = sub.add_parser("eval", help="greedy accuracy and reward of a model on a task's held-out set",
+                        allow_abbrev=False)
+    ev.add_argument("--model", required=True, help="HF model directory")
+    ev.add_argument("--task", required=True, help="task name (countdown, arithmetic, gsm8k, jsonl) or module:factory")
+    ev.add_argument("--size", type=int, default=64, help="number of held-out examples (default 64)")
+    ev.add_argument("--max-tokens", type=int, default=256)
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a task option (repeatable)")
+    _engine_args(ev)
+    gen = sub.add_parser("generate", help="generate text from a model directory", allow_abbrev=False)
+    gen.add_argument("--model", required=True, help="HF model directory")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _engine_args(gen)
+    bench = sub.add_parser("bench", help="run the benchmarks (python -m bench)", allow_abbrev=False)
+    bench.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    sub.add_parser("analyze", help="off-task KL drift, update geometry, interpolation (fastes analyze --help)",
+                   add_help=False)
+    return parser
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap prompts in the tokenizer's chat template (default: the task's choice / off)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        if argv[:1] == ["train"]:
+            args, overrides = parser.parse_known_args(argv)
+            return _train(args, overrides)
+        if argv[:1] == ["analyze"]:
+            from fastes.analysis import cli as analysis_cli
+
+            return analysis_cli.main(argv[1:])
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return {"eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
+    except (BadInput, ValueError, FileNotFoundError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"fastes: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fastes: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastes ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout must stay a file until exit
+        return 0
+
+
+# ---------------------------------------------------------------------- train
+
+
+def demo_config() -> Path | None:
+    """configs/demo.yaml of a source checkout, or the copy installed with the package."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "configs" / "demo.yaml", package / "configs" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve_model_path(data: dict[str, Any], config_file: Path) -> None:
+    """A relative model path that is not found from the working directory is read relative to the config file."""
+    model = data.get("model")
+    if isinstance(model, str) and model and not Path(model).is_absolute() and not Path(model).exists():
+        for base in (config_file.parent, config_file.parent.parent):
+            if (base / model).exists():
+                data["model"] = str(base / model)
+                return
+
+
+def load_train_config(config_file: str | None, overrides: list[str]) -> tuple[Any, bool]:
+    """(TrainConfig, is_demo) from --config, or from the checkpoint named by --resume, or the demo config."""
+    from fastes.es import checkpoint
+    from fastes.es.config import TrainConfig, apply_overrides, parse_overrides, read_yaml
+
+    resume = next((v for k, v in parse_overrides(overrides) if k == "resume"), None)
+    is_demo = False
+    if config_file is not None:
+        data = read_yaml(config_file)
+        _resolve_model_path(data, Path(config_file))
+    elif resume:
+        data = checkpoint.load_state(checkpoint.find_checkpoint(resume))["config"]
+    else:
+        demo = demo_config()
+        if demo is None:
+            raise BadInput("no --config given and the bundled demo config (configs/demo.yaml) is not installed")
+        data, is_demo = read_yaml(demo), True
+        _resolve_model_path(data, demo)
+    config = TrainConfig.from_dict(apply_overrides(data, overrides))
+    if is_demo and not Path(config.model).is_dir():
+        raise BadInput(f"the demo model {config.model!r} is not there yet (make it with scripts/make_demo_model.py)")
+    return config, is_demo
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    config, is_demo = load_train_config(args.config, overrides)
+    if args.dry_run:
+        from fastes.es.trainer import plan_memory, resolve_task
+
+        resolve_task(config.task, config.task_options)  # a bad task name or option fails here, not mid-run
+        plan = plan_memory(config)
+        print(config.to_yaml(), end="")
+        print("# memory plan")
+        for item, amount in plan:
+            print(f"#   {item:<18} {amount}")
+        return 0
+    from fastes.es.trainer import Trainer
+
+    if is_demo:
+        print(f"fastes: running the demo config {demo_config()}", file=sys.stderr)
+    trainer = Trainer(config)  # loads and validates everything before the run directory is created
+    result = trainer.train()
+    summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("reward/mean", "eval/accuracy", "eval/reward") if k in result)
+    print(f"done: {result['step']} steps in {config.out}" + (f" ({summary})" if summary else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------- eval / generate / bench
+
+
+def _load_engine(model: str, dtype: str, device: str) -> Any:
+    from fastes.engine.engine import Engine
+    from fastes.es.trainer import resolve_device, resolve_dtype
+
+    if not Path(model).is_dir():
+        raise BadInput(f"model directory {model!r} not found")
+    dev = resolve_device(device)
+    engine = Engine.from_pretrained(model, dtype=resolve_dtype(dtype, dev), device=dev)
+    if engine.tokenizer is None:
+        raise BadInput(f"model directory {model!r} has no tokenizer (tokenizer.json)")
+    return engine
+
+
+def _task_options(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise BadInput(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastes.engine.sampling import SamplingParams
+    from fastes.es.trainer import evaluate, resolve_task
+
+    if args.size < 1 or args.max_tokens < 1:
+        raise BadInput("--size and --max-tokens must be >= 1")
+    task = resolve_task(args.task, _task_options(args.option))
+    examples = list(task.eval_examples())[: args.size]
+    if not examples:
+        raise BadInput(f"task {args.task!r} has no held-out examples")
+    engine = _load_engine(args.model, args.dtype, args.device)
+    chat = bool(getattr(task, "use_chat_template", False) if args.chat is None else args.chat)
+    result = evaluate(engine, task, examples, [(task.reward, 1.0)], SamplingParams(max_tokens=args.max_tokens,
+                      temperature=0.0, seed=0), chat)
+    print(f"{args.task}: accuracy {result['eval/accuracy']:.4f}, reward {result['eval/reward']:.4f} "
+          f"on {len(examples)} examples ({result['eval/time_s']:.1f}s)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fastes.engine.sampling import SamplingParams
+
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    if args.samples < 1:
+        raise BadInput(f"--samples must be >= 1, got {args.samples}")
+    engine = _load_engine(args.model, args.dtype, args.device)
+    outs = engine.generate(args.prompt, sampling=sampling, samples_per_prompt=args.samples,
+                           use_chat_template=bool(args.chat))
+    single = len(args.prompt) == 1 and args.samples == 1
+    for p, prompt in enumerate(args.prompt):
+        for s, completion in enumerate(outs[0][p]):
+            if single:
+                print(completion.text)
+            else:
+                print(f"--- prompt {p} sample {s}: {prompt!r} ({completion.finish_reason})\n{completion.text}")
+    return 0
+
+
+def bench_dir() -> Path | None:
+    """The directory holding bench/__main__.py: the working directory or this source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    return next((d for d in (Path.cwd(), root) if (d / "bench" / "__main__.py").is_file()), None)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    where = bench_dir()
+    if where is None:
+        print("fastes bench: no benchmark runner (bench/__main__.py) here; run the bench modules directly from a "
+              "source checkout, e.g. python -m bench.ops_linear", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return subprocess.call([sys.executable, "-m", "bench"] + (["--quick"] if args.quick else []), cwd=where)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""TrainConfig: everything an ES run needs, loadable from YAML and overridable from the command line.
+
+A run is fully described by this config plus (seed, step): nothing else is stored between
+steps. Values are checked here, before anything is loaded or written, so bad input is a
+one-line ValueError. Top-level keys are overridden as ``--key value``, section keys as
+``--section.key value`` (or ``--key value`` when the name is unique across sections); the
+string is converted by the dataclass field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("lowrank", "full", "lora")
+NOISE_KINDS = ("gaussian", "rademacher")
+SHAPINGS = ("zscore", "centered_rank", "group_global", "sign", "raw")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PopulationConfig:
+    """Who is evaluated each step: N members θ + σ_t·s·E_m (see fastes.Population)."""
+
+    size: int = 8
+    antithetic: bool = True
+    mode: str = "lowrank"
+    rank: int = 1
+    noise: str = "gaussian"
+    sigma: float = 1e-3
+    sigma_schedule: str = "constant"
+    sigma_final: float | None = None  # end value of a linear/cosine sigma schedule (None: sigma)
+    layerwise_scale: bool = False
+    perturb_embeddings: bool = False
+    perturb_lm_head: bool = False
+    perturb_1d: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraConfig:
+    """Adapters created when population.mode is lora (the base weights stay frozen)."""
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class FitnessConfig:
+    """From rewards to one number per member, then to shaped fitness."""
+
+    shaping: str = "zscore"
+    pass_at_k: int | None = None  # fitness = mean over prompts of unbiased pass@k (needs samples_per_prompt >= k)
+    member_fitness: str | None = None  # "module:function" receiving all rollouts of a member
+
+
+@dataclass
+class OptimConfig:
+    """Step on the ES direction g = s·Σ c_m E_m: sgd needs no memory, momentum/adam keep fp32 state."""
+
+    name: str = "sgd"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SamplingConfig:
+    """Training rollouts (evaluation is greedy with the same max_tokens and stop)."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """One ES run. ``rewards`` is a list of {func: "module:function" | "file.py:function", weight}."""
+
+    model: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    task: str = ""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    rewards: list[dict[str, Any]] = field(default_factory=list)
+    use_chat_template: bool | None = None
+    seed: int = 0
+    steps: int = 100
+    prompts_per_step: int = 8
+    same_prompts: bool = True  # false: a batch per noise index (generated for every member today: N/2x rollouts)
+    samples_per_prompt: int = 1
+    eval_every: int = 10
+    eval_size: int = 64
+    save_every: int = 0
+    out: str = "runs/es"
+    resume: str | None = None
+    kv_cache_tokens: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
+        """Build and validate; unknown keys and wrongly typed values raise one-line ValueErrors."""
+        config = _build(cls, data or {}, "")
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        return cls.from_dict(apply_overrides(read_yaml(path), overrides or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def replace(self, overrides: list[str]) -> TrainConfig:
+        """A copy with ``--key value`` overrides applied (validated)."""
+        return TrainConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        """Ranges and choices; raises ValueError naming the key."""
+        _require(bool(self.model), "model is required (set model: in the config or pass --model DIR)")
+        _require(bool(self.task), "task is required (set task: in the config or pass --task NAME)")
+        for key, ok, wanted in _RULES:
+            value = self._get(key)
+            if not ok(value, self):
+                raise ValueError(f"{key} must be {wanted}, got {value!r}")
+        for i, spec in enumerate(self.rewards):
+            _require(isinstance(spec.get("func"), str) and ":" in spec["func"],
+                     f"rewards[{i}].func must be 'module:function' or 'file.py:function', got {spec.get('func')!r}")
+        try:
+            self.sampling_params()
+            self.sampling_params(greedy=True)
+        except ValueError as err:
+            raise ValueError(f"sampling: {err}") from None
+
+    def _get(self, key: str) -> Any:
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def sampling_params(self, seed: int | None = None, greedy: bool = False) -> Any:
+        """The engine's SamplingParams for training rollouts (or greedy evaluation: same length and stops)."""
+        from fastes.engine.sampling import SamplingParams
+
+        s = self.sampling
+        shape = {"temperature": 0.0} if greedy else {"temperature": s.temperature, "top_p": s.top_p,
+                                                    "top_k": s.top_k, "min_p": s.min_p}
+        return SamplingParams(max_tokens=s.max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos, seed=seed, **shape)
+
+
+# ---------------------------------------------------------------------- YAML and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).replace("\n", " ")
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """``--key value`` / ``--key=value`` pairs (a value may be missing for a bare boolean flag)."""
+    pairs: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"expected --key value, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if eq:
+            pairs.append((key, value))
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            pairs.append((key, argv[i + 1]))
+            i += 2
+        else:
+            pairs.append((key, None))
+            i += 1
+    return pairs
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge command-line overrides into a config mapping (values converted by field type)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, raw in parse_overrides(overrides):
+        key = key.replace("-", "_")
+        if key.startswith("task_options."):  # free-form options of the task: YAML-typed values
+            options = data.get("task_options")
+            data["task_options"] = options = dict(options) if isinstance(options, dict) else {}
+            options[key.partition(".")[2]] = yaml.safe_load(raw) if raw is not None else True
+            continue
+        path = resolve_key(key)
+        tp = field_type(path)
+        if raw is None:
+            if _strip_optional(tp)[0] is not bool:
+                raise ValueError(f"--{key} needs a value")
+            raw = "true"
+        value = _rewards(raw) if path == ("rewards",) else _coerce(raw, tp, ".".join(path))
+        if len(path) == 1:
+            data[path[0]] = value
+        else:
+            section = data.get(path[0])
+            if section is None:
+                section = data[path[0]] = {}
+            elif not isinstance(section, dict):
+                raise ValueError(f"{path[0]} must be a mapping, got {type(section).__name__}")
+            section[path[1]] = value
+    return data
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def resolve_key(key: str) -> tuple[str, ...]:
+    """``steps`` -> (steps,); ``optim.lr`` or a unique ``lr`` -> (optim, lr); ValueError otherwise."""
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    sections = _sections()
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section in sections and name in {f.name for f in dataclasses.fields(sections[section])}:
+            return (section, name)
+    elif key in top and key not in sections:
+        return (key,)
+    else:
+        hits = [(s, key) for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            options = ", ".join("--" + ".".join(h) for h in hits)
+            raise ValueError(f"ambiguous option --{key}: use one of {options}")
+    known = sorted(top - set(sections)) + [f"{s}.{f.name}" for s, c in sections.items() for f in dataclasses.fields(c)]
+    close = difflib.get_close_matches(key, known, n=1)
+    raise ValueError(f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def field_type(path: tuple[str, ...]) -> Any:
+    hints = typing.get_type_hints(TrainConfig)
+    if len(path) == 1:
+        return hints[path[0]]
+    return typing.get_type_hints(hints[path[0]])[path[1]]
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {prefix + str(key)!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        elif key == "rewards":
+            kwargs[key] = _rewards(value)
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _rewards(value: Any) -> list[dict[str, Any]]:
+    """Accept "m:f", ["m:f", ...], {"m:f": weight} or [{func, weight}] and normalize to [{func, weight}]."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip().startswith(("[", "{")) else [value]
+    if isinstance(value, dict):
+        value = [{"func": k, "weight": w} for k, w in value.items()]
+    if not isinstance(value, list):
+        raise ValueError(f"rewards must be a list of {{func, weight}}, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"func": item}
+        if not isinstance(item, dict) or set(item) - {"func", "weight"}:
+            raise ValueError(f"rewards[{i}] must be 'module:function' or {{func, weight}}, got {item!r}")
+        out.append(
+            {
+                "func": _coerce(item.get("func"), str, f"rewards[{i}].func"),
+                "weight": _coerce(item.get("weight", 1.0), float, f"rewards[{i}].weight"),
+            }
+        )
+    return out
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (a YAML value, or a command-line string) to field type ``tp``."""
+    base, optional = _strip_optional(tp)
+    if isinstance(value, str) and optional and value.strip().lower() in ("null", "none", "~"):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key} must not be null")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in BOOLS:
+                return BOOLS[value.strip().lower()]
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return value
+            number = float(value) if isinstance(value, (str, float)) else math.nan
+            if not math.isfinite(number) or number != int(number):
+                raise TypeError
+            return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else int(number)
+        if base is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            number = float(value)
+            if not math.isfinite(number):
+                raise TypeError
+            return number
+        if base is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if origin is list:
+            (item_tp,) = typing.get_args(base)
+            if isinstance(value, str):
+                parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
+                value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError, OverflowError, yaml.YAMLError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(f"{key}["):
+            raise
+        name = getattr(base, "__name__", str(base))
+        raise ValueError(
+            f"{key} must be {'a' if name != 'int' else 'an'} {name}{' or null' if optional else ''}, got {value!r}"
+        ) from None
+    raise ValueError(f"{key}: unsupported field type {tp!r}")
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any, Any], bool], str]:
+    return (lambda v, _c: v in choices), "one of " + ", ".join(choices)
+
+
+_AT_LEAST_0 = (lambda v, _c: v >= 0), ">= 0"
+_AT_LEAST_1 = (lambda v, _c: v >= 1), ">= 1"
+_POSITIVE = (lambda v, _c: v > 0), "> 0"
+_NONE_OR_1 = (lambda v, _c: v is None or v >= 1), ">= 1 or null"
+_UNIT = (lambda v, _c: 0 <= v < 1), "in [0, 1)"
+_RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
+    ("dtype", *_one_of(DTYPES)),
+    ("device", lambda v, _c: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
+    ("seed", lambda v, _c: 0 <= v < 2**64, "in [0, 2**64)"),
+    ("steps", *_AT_LEAST_0), ("eval_every", *_AT_LEAST_0), ("eval_size", *_AT_LEAST_0),
+    ("save_every", *_AT_LEAST_0), ("prompts_per_step", *_AT_LEAST_1), ("samples_per_prompt", *_AT_LEAST_1),
+    ("kv_cache_tokens", *_NONE_OR_1), ("max_num_batched_tokens", *_NONE_OR_1), ("max_num_seqs", *_NONE_OR_1),
+    ("population.size", *_AT_LEAST_1),
+    ("population.size", lambda v, c: not (c.population.antithetic and v % 2), "even with antithetic sampling"),
+    ("population.mode", *_one_of(MODES)), ("population.noise", *_one_of(NOISE_KINDS)),
+    ("population.sigma_schedule", *_one_of(SCHEDULES)), ("population.rank", *_AT_LEAST_1),
+    ("population.sigma", *_POSITIVE), ("population.sigma_final", lambda v, _c: v is None or v > 0, "> 0 or null"),
+    ("lora.rank", *_AT_LEAST_1), ("lora.targets", lambda v, _c: bool(v), "a non-empty list"),
+    ("lora.alpha", lambda v, _c: v is None or v > 0, "> 0 or null"),
+    ("fitness.shaping", *_one_of(SHAPINGS)),
+    ("fitness.pass_at_k", lambda v, c: v is None or 1 <= v <= c.samples_per_prompt,
+     "null or in [1, samples_per_prompt]"),
+    ("fitness.member_fitness", lambda v, _c: v is None or ":" in v, "'module:function' or null"),
+    ("optim.name", *_one_of(OPTIMIZERS)), ("optim.schedule", *_one_of(SCHEDULES)), ("optim.lr", *_POSITIVE),
+    ("optim.min_lr", *_AT_LEAST_0), ("optim.warmup_steps", *_AT_LEAST_0), ("optim.momentum", *_UNIT),
+    ("optim.betas", lambda v, _c: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.eps", *_POSITIVE), ("optim.weight_decay", *_AT_LEAST_0),
+]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+
+__all__ = [
+    "TrainConfig",
+    "PopulationConfig",
+    "LoraConfig",
+    "FitnessConfig",
+    "OptimConfig",
+    "SamplingConfig",
+    "read_yaml",
+    "apply_overrides",
+    "parse_overrides",
+    "resolve_key",
+    "SHAPINGS",
+    "MODES",
+    "OPTIMIZERS",
+]
