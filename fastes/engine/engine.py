@@ -8,6 +8,9 @@ noise; ``perturbation`` returns one member's dense σ·s·E_m for inspection and
 
 from __future__ import annotations
 
+import json
+import math
+import operator
 import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from fastes.engine.attention_batch import build_attention_batch
 from fastes.engine.block_manager import BlockManager
 from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
-from fastes.engine.sampling import SamplingParams, sample
+from fastes.engine.sampling import MAX_SAMPLES, SamplingParams, prompt_keys, sample
 from fastes.engine.scheduler import Chunk, Scheduler
 from fastes.engine.sequence import Completion, Sequence, Status
 from fastes.models import CausalLM, Perturbation, Tokenizer, load_model, load_tokenizer, perturbed_names
@@ -55,7 +58,7 @@ class Engine:
             num_blocks = -(-kv_cache_tokens // block_size)
         self.kv_cache = KVCache.for_model(model.config, num_blocks, block_size, model.dtype, self.device)
         self.manager = BlockManager(num_blocks, block_size)
-        eos = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
+        eos = set(model.config.eos_token_ids) | set(_generation_config_eos(model.source_dir))
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
@@ -75,6 +78,7 @@ class Engine:
     # ------------------------------------------------------------------ prompts
 
     def encode_prompts(self, prompts: Seq[str] | Seq[Seq[int]], use_chat_template: bool = False) -> list[list[int]]:
+        """Token ids of each prompt (text through the tokenizer); ValueError on anything the model cannot take."""
         if isinstance(prompts, str) or not isinstance(prompts, Seq) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
         vocab = self.model.config.vocab_size
@@ -85,9 +89,9 @@ class Engine:
                     raise ValueError("text prompts need a tokenizer; this model directory has none (pass token ids)")
                 ids = (self.tokenizer.encode_chat(prompt) if use_chat_template else self.tokenizer.encode(prompt))
             else:
-                ids = list(prompt)
-                if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                    raise ValueError(f"prompt {i} must hold token ids in [0, {vocab})")
+                ids = _token_ids(prompt)
+                if ids is None or any(not 0 <= t < vocab for t in ids):
+                    raise ValueError(f"prompt {i} must hold integer token ids in [0, {vocab})")
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
             out.append(ids)
@@ -102,25 +106,38 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be a positive integer, got {samples_per_prompt!r}")
+        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
+                or not 1 <= samples_per_prompt <= MAX_SAMPLES:
+            raise ValueError(f"samples_per_prompt must be an integer in [1, {MAX_SAMPLES}], got {samples_per_prompt!r}")
         if population is not None and not isinstance(population, Population):
             raise ValueError(f"population must be a fastes.Population or None, got {type(population).__name__}")
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none (use stop_token_ids)")
         token_prompts = self.encode_prompts(prompts, use_chat_template)
         max_len = self.model.config.max_position_embeddings
+        pool = self.manager.num_blocks * self.block_size
         for i, ids in enumerate(token_prompts):
             if len(ids) >= max_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {max_len}")
+            if len(ids) > pool:
+                raise ValueError(f"KV cache too small: prompt {i} has {len(ids)} tokens and the pool holds {pool}; "
+                                 "raise kv_cache_tokens")
         pert = Perturbation.for_model(self.model, population, step, self.backend) if population else None
         members = list(range(population.size)) if population else [-1]
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+        keys = prompt_keys(token_prompts)
         seqs: list[Sequence] = []
         for member in members:
             for p, ids in enumerate(token_prompts):
                 seqs.append(Sequence(seq_id=len(seqs), member=member, prompt_index=p, sample_index=0,
                                      prompt_len=len(ids), tokens=list(ids), params=sampling, seed=seed,
-                                     fork_into=list(range(1, samples_per_prompt))))
-        results = self._run(seqs, pert, population.size if population else None, progress)
+                                     fork_into=list(range(1, samples_per_prompt)), prompt_key=keys[p]))
+        bar = _Progress(len(seqs) * samples_per_prompt * sampling.max_tokens) if progress else None
+        try:
+            results = self._run(seqs, pert, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         outs: Outputs = [[[None] * samples_per_prompt for _ in token_prompts] for _ in members]  # type: ignore[misc]
         for seq in results:
             slot = seq.member if seq.member >= 0 else 0
@@ -128,8 +145,7 @@ class Engine:
                 token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length")
         return outs
 
-    def _run(self, seqs: list[Sequence], pert: Perturbation | None, num_members: int | None,
-             progress: bool) -> list[Sequence]:
+    def _run(self, seqs: list[Sequence], pert: Perturbation | None, bar: _Progress | None) -> list[Sequence]:
         self.manager.reset()
         scheduler = Scheduler(self.manager, self.max_num_seqs, self.max_num_batched_tokens)
         for seq in seqs:
@@ -137,42 +153,44 @@ class Engine:
         finished: list[Sequence] = []
         next_id = len(seqs)
         steps, tokens = 0, 0
-        bar = _progress(progress, sum(s.params.max_tokens for s in seqs) * max(1, 1 + len(seqs[0].fork_into)))
         while not scheduler.done:
             chunks = scheduler.schedule()
             self.kv_cache.copy_blocks(self.manager.take_copies())
-            logits = self._forward(chunks, pert)
+            logits = self._forward(chunks, pert)  # one row per chunk that samples, in chunk order
             samplers: list[Sequence] = []
-            for chunk, row in zip([c for c in chunks if c.samples], range(logits.shape[0]), strict=True):
-                chunk.seq.num_computed = chunk.end
-                samplers.append(chunk.seq)
-                if chunk.seq.fork_into:  # prompt done: split off the sibling samples sharing its blocks
-                    for sample_index in chunk.seq.fork_into:
-                        child = Sequence(seq_id=next_id, member=chunk.seq.member, prompt_index=chunk.seq.prompt_index,
-                                         sample_index=sample_index, prompt_len=chunk.seq.prompt_len,
-                                         tokens=list(chunk.seq.tokens), params=chunk.seq.params, seed=chunk.seq.seed)
-                        next_id += 1
-                        scheduler.admit_fork(chunk.seq, child)
-                        samplers.append(child)
-                        logits = torch.cat((logits, logits[row : row + 1]))
-                    chunk.seq.fork_into = []
+            rows: list[int] = []  # logit row of each sampler: forked samples reuse their parent's row
+            for row, chunk in enumerate(c for c in chunks if c.samples):
+                parent = chunk.seq
+                parent.num_computed = chunk.end
+                samplers.append(parent)
+                rows.append(row)
+                for sample_index in parent.fork_into:  # prompt done: siblings split off, sharing its blocks
+                    child = Sequence(seq_id=next_id, member=parent.member, prompt_index=parent.prompt_index,
+                                     sample_index=sample_index, prompt_len=parent.prompt_len,
+                                     tokens=list(parent.tokens), params=parent.params, seed=parent.seed,
+                                     prompt_key=parent.prompt_key)
+                    next_id += 1
+                    scheduler.admit_fork(parent, child)
+                    samplers.append(child)
+                    rows.append(row)
+                parent.fork_into = []
             for chunk in chunks:
                 if not chunk.samples:
                     chunk.seq.num_computed = chunk.end
-            rows = _sampler_rows(chunks, samplers)
-            new_tokens = self._sample(logits[rows], samplers)
-            for seq, token in zip(samplers, new_tokens.tolist(), strict=True):
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            new_tokens = self._sample(logits.index_select(0, index), samplers) if samplers else None
+            advance = len(samplers)
+            for seq, token in zip(samplers, new_tokens.tolist() if new_tokens is not None else [], strict=True):
                 seq.tokens.append(int(token))
                 reason = self._stop_reason(seq)
                 if reason is not None:
                     scheduler.finish(seq, reason)
                     finished.append(seq)
+                    advance += seq.params.max_tokens - seq.num_output  # what it will not generate
             steps += 1
             tokens += sum(c.end - c.start for c in chunks)
             if bar is not None:
-                bar[0].update(bar[1], advance=len(samplers))
-        if bar is not None:
-            bar[0].stop()
+                bar.advance(advance)
         self.last_stats = {"steps": steps, "tokens": tokens, "preemptions": scheduler.num_preemptions}
         return finished
 
@@ -197,7 +215,7 @@ class Engine:
         dev = logits.device
         positions = torch.tensor([len(s.tokens) for s in seqs], device=dev)
         members = torch.tensor([s.member for s in seqs], device=dev)
-        prompts = torch.tensor([s.prompt_index for s in seqs], device=dev)
+        prompts = torch.tensor([s.prompt_key for s in seqs], device=dev)
         samples = torch.tensor([s.sample_index for s in seqs], device=dev)
         return sample(logits, [s.params for s in seqs], [s.seed for s in seqs], positions, members, prompts, samples)
 
@@ -242,7 +260,14 @@ class Engine:
 
     def update(self, population: Population, step: int, coeffs: torch.Tensor | Seq[float], lr: float) -> None:
         """W_t += lr·s_t·Σ_m c_m·E_m,t for every perturbed parameter, from seeds alone."""
-        coeffs = torch.as_tensor(coeffs, dtype=torch.float64).reshape(-1)
+        if not isinstance(population, Population):
+            raise ValueError(f"population must be a fastes.Population, got {type(population).__name__}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise ValueError(f"lr must be a finite number, got {lr!r}")
+        try:
+            coeffs = torch.as_tensor(coeffs, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"coeffs must be a 1-D tensor or sequence of numbers: {err}") from None
         if coeffs.numel() != population.size:
             raise ValueError(f"coeffs has {coeffs.numel()} entries for a population of {population.size}")
         if not torch.isfinite(coeffs).all():
@@ -260,28 +285,48 @@ class Engine:
         return Path(out_dir)
 
 
-def _sampler_rows(chunks: list[Chunk], samplers: list[Sequence]) -> torch.Tensor:
-    """Logit row of each sampler: chunk rows in order, forked children appended after the base rows."""
-    base = sum(1 for c in chunks if c.samples)
-    index = {id(c.seq): i for i, c in enumerate(c for c in chunks if c.samples)}
-    rows, extra = [], base
-    for seq in samplers:
-        if id(seq) in index:
-            rows.append(index[id(seq)])
-        else:
-            rows.append(extra)
-            extra += 1
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def _progress(enabled: bool, total: int) -> tuple[object, object] | None:
-    if not enabled:
+def _token_ids(prompt: object) -> list[int] | None:
+    """A prompt's ids as Python ints (numpy / torch integers accepted), or None if it is not integers."""
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
         return None
-    from rich.progress import Progress
+    ids = []
+    for t in prompt:  # type: ignore[attr-defined]
+        if isinstance(t, bool):
+            return None
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            return None
+    return ids
 
-    bar = Progress(transient=True)
-    bar.start()
-    return bar, bar.add_task("generating", total=total)
+
+def _generation_config_eos(source_dir: Path | None) -> list[int]:
+    """EOS ids of generation_config.json: what HF generate stops on (instruct models list several)."""
+    if source_dir is None or not (source_dir / "generation_config.json").is_file():
+        return []
+    try:
+        value = json.loads((source_dir / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+class _Progress:
+    """A transient rich bar over the tokens still to generate (early stops count as done)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._task = self._bar.add_task("generating", total=total)
+        self._bar.start()
+
+    def advance(self, n: int) -> None:
+        self._bar.update(self._task, advance=n)
+
+    def close(self) -> None:
+        self._bar.stop()
 
 
 __all__ = ["Engine", "Completion", "Status"]

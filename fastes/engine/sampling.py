@@ -1,13 +1,18 @@
 """Sampling: vLLM-style parameters and a sampler whose randomness is counter-based.
 
 Each row draws one uniform from Philox4x32-10 keyed by the sampling seed, with
-counter (position, member, prompt index, sample index), and inverts the CDF of its
-filtered distribution. A token therefore depends only on that row's logits and
-coordinates: not on batch composition, chunk sizes, preemption or row order.
+counter (position, member, prompt key, sample index), and inverts the CDF of its
+filtered distribution. The prompt key is a hash of the prompt's token ids (and of its
+occurrence among equal prompts), not its index in the request. A token therefore
+depends only on that row's logits and coordinates: not on batch composition, chunk
+sizes, preemption, row order or the order of the prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +20,15 @@ import torch
 from fastes.noise import SEED_LIMIT, U32_LIMIT, philox4x32, split_seed
 
 SAMPLING_STREAM = 0x53414D50  # "SAMP": keeps sampling words apart from any noise stream
+MAX_SAMPLES = 1 << 16  # the sample index shares a counter word with the stream tag
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -37,20 +51,23 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
-        if not 0 <= self.min_p <= 1:
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < SEED_LIMIT):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool) or not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError("ignore_eos and include_stop_str_in_output must be booleans")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
 
     @property
@@ -58,9 +75,31 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def prompt_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """A 32-bit counter word per prompt from its token ids and its occurrence among equal prompts.
+
+    Keying by content rather than by list index makes sampling independent of prompt order;
+    the occurrence index keeps repeated prompts apart (they are interchangeable anyway).
+    """
+    seen: dict[tuple[int, ...], int] = {}
+    keys = []
+    for prompt in prompts:
+        ids = tuple(prompt)
+        occurrence = seen.get(ids, 0)
+        seen[ids] = occurrence + 1
+        digest = hashlib.blake2b(digest_size=4, person=b"fastes-prompt")
+        digest.update(occurrence.to_bytes(8, "little"))
+        digest.update(b"".join(t.to_bytes(8, "little") for t in ids))
+        keys.append(int.from_bytes(digest.digest(), "little"))
+    return keys
+
+
 def row_uniforms(seed: int, positions: torch.Tensor, members: torch.Tensor, prompts: torch.Tensor,
                  samples: torch.Tensor) -> torch.Tensor:
-    """One uniform in [0, 1) per row from its coordinates (all int tensors of one shape)."""
+    """One uniform in [0, 1) per row from its coordinates (all int tensors of one shape).
+
+    ``prompts`` holds the rows' prompt keys (``prompt_keys``), ``samples`` indices below MAX_SAMPLES.
+    """
     k0, k1 = split_seed(seed)
     member_word = (members.long() + 1) % U32_LIMIT  # member −1 (unperturbed) maps to word 0
     words = philox4x32(positions.long(), member_word, prompts.long(),

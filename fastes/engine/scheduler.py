@@ -6,6 +6,10 @@ sampled); when blocks run out the most recently admitted running sequence is pre
 the output). The rest of the token budget goes to waiting sequences in arrival order,
 chunked, admitted only when their chunk's blocks are free. Chunks are ordered by member
 so that rows reach the population kernels as contiguous per-member segments.
+
+A sequence whose KV can never fit the whole pool raises ``KVCacheTooSmallError`` as soon as
+it is seen: chunked prefill would otherwise admit it chunk by chunk, preempt it when the
+pool is full and recompute it forever.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from dataclasses import dataclass
 
 from fastes.engine.block_manager import BlockManager
 from fastes.engine.sequence import Sequence, Status
+
+
+class KVCacheTooSmallError(RuntimeError):
+    """A sequence needs more KV blocks than the whole pool holds (raise kv_cache_tokens)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            self._check_fits_pool(seq)
             size = min(seq.remaining, budget)
             while not self._fits(seq, size):
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
@@ -71,6 +80,7 @@ class Scheduler:
             budget -= size
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self._check_fits_pool(seq)
             size = min(seq.remaining, budget)
             if not self._fits(seq, size):
                 break
@@ -82,10 +92,19 @@ class Scheduler:
         if not chunks and self.waiting:
             seq = self.waiting[0]
             need = self.manager.blocks_for(min(seq.remaining, self.max_num_batched_tokens))
-            raise RuntimeError(f"KV cache too small: a chunk of sequence {seq.seq_id} needs {need} blocks and the "
-                               f"pool has {self.manager.num_blocks}; raise kv_cache_tokens")
+            raise KVCacheTooSmallError(f"KV cache too small: a chunk of sequence {seq.seq_id} needs {need} blocks "
+                                       f"and the pool has {self.manager.num_blocks}; raise kv_cache_tokens")
         chunks.sort(key=lambda c: c.seq.member)
         return chunks
+
+    def _check_fits_pool(self, seq: Sequence) -> None:
+        """Raise when ``seq`` needs more blocks than the pool has: waiting would never end."""
+        need = self.manager.blocks_for(len(seq.tokens))
+        if need > self.manager.num_blocks:
+            raise KVCacheTooSmallError(
+                f"KV cache too small: sequence {seq.seq_id} (member {seq.member}, prompt {seq.prompt_index}) needs "
+                f"{len(seq.tokens)} tokens of KV ({need} blocks) and the pool has {self.manager.num_blocks} blocks of "
+                f"{self.manager.block_size}; raise kv_cache_tokens")
 
     def _fits(self, seq: Sequence, size: int) -> bool:
         if seq.seq_id in self.manager:

@@ -32,6 +32,8 @@ class Sequence:
     decode and recompute after preemption are all this one rule.
     ``fork_into`` lists sample indices still to be split off this sequence's prompt
     blocks once its prompt is computed (the k samples of one prompt share them).
+    ``prompt_key`` names the prompt in the sampling counter by its content (not its index
+    in the request), so that reordering the prompts does not change what is sampled.
     """
 
     seq_id: int
@@ -43,6 +45,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     fork_into: list[int] = field(default_factory=list)
+    prompt_key: int = 0
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None

@@ -1,0 +1,227 @@
+"""ES generation throughput: fastes population vs fastes unperturbed vs the member-by-member HF loop.
+
+    python -m bench.generate [--quick] [--threads N]
+
+Side by side in one run, same model, population size N, prompts (P per member, equal lengths so that
+HF needs no padding) and max_tokens (greedy, no EOS: every sequence generates exactly T tokens):
+
+1. ``unperturbed``: fastes generating the N·P sequences of one model (the prompts repeated N times);
+2. ``population/<mode>``: fastes generating P prompts for each of the N members in one continuous
+   batch, for lowrank (rank 1, Gaussian), full Gaussian and full Rademacher noise;
+3. ``hf_loop``: what users run today: for each member, set the HF transformers model's perturbed
+   weights to W + ``engine.perturbation(...)`` (full Gaussian noise, as in Qiu et al.), ``generate``
+   the P prompts as one batch, restore W from a saved copy.
+
+Reported: generated tokens/s and the ratios (2)/(1) (DESIGN §7: lowrank ≥ 0.95, full ≥ 0.25 at
+N = 32) and (2)/(3) (≥ 50× on GPU, ≥ 10× on CPU). CPU: a tiny random Llama (fp32); only the ratios
+mean something, and only on an idle host. GPU: random-weight models with the shapes of
+Qwen2.5-0.5B and 1.5B (bf16), N = 32. JSON with the device, versions, git commit, configuration and
+raw timings goes to bench/results/generate-<device>-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QWEN_COMMON = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                   tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+MODELS = {
+    "qwen2.5-0.5b-shape": ("Qwen2Config", dict(QWEN_COMMON, hidden_size=896, intermediate_size=4864,
+                                               num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)),
+    "qwen2.5-1.5b-shape": ("Qwen2Config", dict(QWEN_COMMON, hidden_size=1536, intermediate_size=8960,
+                                               num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2)),
+    "tiny-llama": ("LlamaConfig", dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                       bos_token_id=None, eos_token_id=None)),
+    "tinier-llama": ("LlamaConfig", dict(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         bos_token_id=None, eos_token_id=None)),
+}
+MODES = {"lowrank": dict(mode="lowrank", rank=1, noise="gaussian"), "full-gaussian": dict(mode="full"),
+         "full-rademacher": dict(mode="full", noise="rademacher")}
+SIGMA, SEED, STEP = 1e-3, 0, 0
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str | None]:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except Exception:  # noqa: BLE001 - report, never fail, on a broken Triton
+        triton_version = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+            "python": platform.python_version()}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine() or "cpu")
+
+
+def timed(fn: Callable[[], object], device: str, reps: int) -> list[float]:
+    """Wall-clock seconds of ``reps`` calls (the caller warmed up); CUDA synchronized around each."""
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def build_model(name: str, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A random-weight HF model of the named shape, saved to ``path`` (safetensors) and kept for the HF loop."""
+    import transformers
+
+    cls_name, kwargs = MODELS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a 1.5B init on the host takes minutes
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf = hf.to(dtype).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(str(path))
+    return hf
+
+
+def hf_loop(engine: object, hf: torch.nn.Module, pop: object, prompts: torch.Tensor, max_tokens: int) -> None:
+    """The member-by-member loop: perturb the HF weights in place, generate, restore (from a saved copy)."""
+    params = dict(hf.named_parameters())
+    names = [n for n in engine.perturbed_names(pop) if n in params]  # type: ignore[attr-defined]
+    saved = {n: params[n].detach().clone() for n in names}
+    mask = torch.ones_like(prompts)
+    with torch.no_grad():
+        for member in range(pop.size):  # type: ignore[attr-defined]
+            for n in names:
+                delta = engine.perturbation(n, member, pop, STEP)  # type: ignore[attr-defined]
+                params[n].copy_((saved[n].float() + delta).to(params[n].dtype))
+            hf.generate(prompts, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                        do_sample=False, pad_token_id=0, eos_token_id=None)
+            for n in names:
+                params[n].copy_(saved[n])
+
+
+def bench_model(name: str, device: str, dtype: torch.dtype, members: int, per_member: int, prompt_len: int,
+                max_tokens: int, reps: int, loop_reps: int) -> dict[str, object]:
+    from fastes import Engine, Population, SamplingParams
+
+    with tempfile.TemporaryDirectory(prefix="fastes-bench-") as tmp:
+        hf = build_model(name, Path(tmp), device, dtype)
+        kv_tokens = int(1.25 * members * per_member * (prompt_len + max_tokens)) + 1024
+        engine = Engine.from_pretrained(tmp, dtype=dtype, device=device, kv_cache_tokens=kv_tokens)
+    vocab = engine.model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, vocab, (per_member, prompt_len), generator=gen)
+    prompt_lists = prompts.tolist()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    tokens = members * per_member * max_tokens
+    pops = {mode: Population(size=members, sigma=SIGMA, seed=SEED, **kw) for mode, kw in MODES.items()}
+
+    cases: dict[str, Callable[[], object]] = {
+        "unperturbed": lambda: engine.generate(prompt_lists * members, params)}
+    for mode, pop in pops.items():
+        cases[f"population/{mode}"] = lambda pop=pop: engine.generate(prompt_lists, params, population=pop, step=STEP)
+    engine.generate(prompt_lists * members, warm)
+    for pop in pops.values():
+        engine.generate(prompt_lists, warm, population=pop, step=STEP)
+    times: dict[str, list[float]] = {}
+    for case, fn in cases.items():
+        times[case] = timed(fn, device, reps)
+        print(f"  {case:28s} {tokens / statistics.median(times[case]):10.1f} tok/s", flush=True)
+    out = engine.generate(prompt_lists, params, population=pops["lowrank"], step=STEP)
+    assert all(len(c.token_ids) == max_tokens for per_prompt in out for s in per_prompt for c in s)
+
+    loop_prompts = prompts.to(device)
+    hf_loop(engine, hf, pops["full-gaussian"], loop_prompts, 2)  # warm-up
+    times["hf_loop"] = timed(lambda: hf_loop(engine, hf, pops["full-gaussian"], loop_prompts, max_tokens), device,
+                             loop_reps)
+    print(f"  {'hf_loop (full-gaussian)':28s} {tokens / statistics.median(times['hf_loop']):10.1f} tok/s", flush=True)
+
+    tps = {case: tokens / statistics.median(ts) for case, ts in times.items()}
+    ratios = {}
+    for mode in MODES:
+        key = f"population/{mode}"
+        ratios[f"{mode}/unperturbed"] = tps[key] / tps["unperturbed"]
+        ratios[f"{mode}/hf_loop"] = tps[key] / tps["hf_loop"]
+    return dict(model=name, config=MODELS[name][1], dtype=str(dtype), members=members, prompts_per_member=per_member,
+                prompt_len=prompt_len, max_tokens=max_tokens, generated_tokens=tokens, sigma=SIGMA,
+                hf_loop_noise="full-gaussian", times_s=times, tokens_per_s=tps, ratios=ratios)
+
+
+def run(quick: bool) -> dict[str, object]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        dtype, members, per_member, prompt_len, max_tokens = torch.bfloat16, 32, 8, 32, 64
+        names = ["qwen2.5-0.5b-shape"] if quick else ["qwen2.5-0.5b-shape", "qwen2.5-1.5b-shape"]
+        reps, loop_reps = (1, 1) if quick else (3, 1)
+    else:
+        dtype, members, per_member, prompt_len = torch.float32, 8, (2 if quick else 4), 16
+        max_tokens = 16 if quick else 32
+        names = ["tinier-llama"] if quick else ["tiny-llama"]
+        reps, loop_reps = (1, 1) if quick else (2, 1)
+    print(f"{device_name(device)} ({dtype}, {torch.get_num_threads()} threads): N = {members}, "
+          f"{per_member} prompts/member of {prompt_len} tokens, {max_tokens} new tokens each")
+    results = []
+    for name in names:
+        print(f"{name}:")
+        res = bench_model(name, device, dtype, members, per_member, prompt_len, max_tokens, reps, loop_reps)
+        gc.collect()  # the model, its HF twin and the KV pool go before the next model is built
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for key, value in res["ratios"].items():  # type: ignore[union-attr]
+            print(f"  ratio {key:30s} {value:8.3f}")
+        results.append(res)
+    return dict(bench="generate", device=device_name(device), device_type=device, **versions(),
+                git_commit=git_commit(), quick=quick, threads=torch.get_num_threads(),
+                targets={"lowrank/unperturbed": 0.95, "full/unperturbed (N=32)": 0.25,
+                         "population/hf_loop": 50.0 if device == "cuda" else 10.0},
+                results=results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one smaller model, fewer tokens and repetitions")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1; tiny ops on a shared host lose more to thread "
+                             "wake-ups than they gain, ~40x here on a loaded 2-core box)")
+    args = parser.parse_args(argv)
+    if args.threads or not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or 1)
+    result = run(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in str(result["device"])).strip("-").lower()
+    path = RESULTS / f"generate-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
