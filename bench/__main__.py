@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-MODULES = ("noise", "attention", "ops_linear", "ops_update", "generate")
+MODULES = ("noise", "attention", "ops_linear", "ops_update", "generate", "distributed")
 
 
 def declared_devices(path: Path) -> tuple[str, ...] | None:

@@ -163,8 +163,19 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if is_demo:
         print(f"fastes: running the demo config {demo_config()}", file=sys.stderr)
-    trainer = Trainer(config)  # loads and validates everything before the run directory is created
-    result = trainer.train()
+    from fastes.es.distributed import DistributedError
+
+    try:
+        trainer = Trainer(config)  # loads and validates everything before the run directory is created
+        result = trainer.train()
+    except DistributedError as err:  # a peer died or hung: not bad input, and the last checkpoint is intact
+        print(f"fastes: error: distributed run stopped: {err}; resume from the last checkpoint in {config.out} "
+              "with --resume (any number of processes)", file=sys.stderr)
+        return 1
+    if trainer.dist is not None:
+        trainer.dist.close()
+    if not trainer.is_main:
+        return 0
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("reward/mean", "eval/accuracy", "eval/reward") if k in result)
     print(f"done: {result['step']} steps in {config.out}" + (f" ({summary})" if summary else ""))
     return 0

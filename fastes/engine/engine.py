@@ -101,8 +101,13 @@ class Engine:
 
     def generate(self, prompts: Seq[str] | Seq[Seq[int]], sampling: SamplingParams | None = None,
                  population: Population | None = None, step: int = 0, samples_per_prompt: int = 1,
-                 use_chat_template: bool = False, progress: bool = False) -> Outputs:
-        """outs[member][prompt][sample] -> Completion; population None runs the unperturbed model (one member)."""
+                 use_chat_template: bool = False, progress: bool = False,
+                 members: Seq[int] | None = None) -> Outputs:
+        """outs[member][prompt][sample] -> Completion; population None runs the unperturbed model (one member).
+
+        ``members`` generates only those members of ``population`` (a rank's share in a multi-process run):
+        outs is then indexed in the order of ``members``; their noise is the same as in the full population.
+        """
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -123,7 +128,17 @@ class Engine:
                 raise ValueError(f"KV cache too small: prompt {i} has {len(ids)} tokens and the pool holds {pool}; "
                                  "raise kv_cache_tokens")
         pert = Perturbation.for_model(self.model, population, step, self.backend) if population else None
-        members = list(range(population.size)) if population else [-1]
+        if members is not None:
+            if population is None:
+                raise ValueError("members needs a population")
+            members = [operator.index(m) for m in members]
+            for m in members:
+                population.member_index(m)  # ValueError outside [0, size)
+            if len(set(members)) != len(members):
+                raise ValueError(f"members must be distinct, got {members}")
+        else:
+            members = list(range(population.size)) if population else [-1]
+        slots = {member: i for i, member in enumerate(members)}
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         keys = prompt_keys(token_prompts)
         seqs: list[Sequence] = []
@@ -140,8 +155,7 @@ class Engine:
                 bar.close()
         outs: Outputs = [[[None] * samples_per_prompt for _ in token_prompts] for _ in members]  # type: ignore[misc]
         for seq in results:
-            slot = seq.member if seq.member >= 0 else 0
-            outs[slot][seq.prompt_index][seq.sample_index] = Completion(
+            outs[slots[seq.member]][seq.prompt_index][seq.sample_index] = Completion(
                 token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length")
         return outs
 

@@ -97,6 +97,14 @@ class SamplingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs under torchrun (ignored in one process); see fastes.es.distributed."""
+
+    check_every: int = 10  # steps between cross-rank weight checksum checks (0: only the check at start)
+    timeout_s: float = 600.0  # a collective waiting longer ends the run with an error (not a hang)
+
+
+@dataclass
 class TrainConfig:
     """One ES run. ``rewards`` is a list of {func: "module:function" | "file.py:function", weight}."""
 
@@ -127,6 +135,7 @@ class TrainConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     # ------------------------------------------------------------------ construction
 
@@ -440,6 +449,7 @@ _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("optim.min_lr", *_AT_LEAST_0), ("optim.warmup_steps", *_AT_LEAST_0), ("optim.momentum", *_UNIT),
     ("optim.betas", lambda v, _c: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     ("optim.eps", *_POSITIVE), ("optim.weight_decay", *_AT_LEAST_0),
+    ("distributed.check_every", *_AT_LEAST_0), ("distributed.timeout_s", *_POSITIVE),
 ]
 
 
@@ -456,6 +466,7 @@ __all__ = [
     "FitnessConfig",
     "OptimConfig",
     "SamplingConfig",
+    "DistributedConfig",
     "read_yaml",
     "apply_overrides",
     "parse_overrides",

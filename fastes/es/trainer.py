@@ -24,6 +24,7 @@ import torch
 
 from fastes.es import checkpoint as ckpt
 from fastes.es.config import TrainConfig
+from fastes.es.distributed import Distributed, NullLogger
 from fastes.es.logger import RunLogger, truncate_metrics
 from fastes.es.optim import AskTell
 
@@ -108,7 +109,10 @@ class Trainer:
         self.state = ckpt.load_state(self.resume_dir) if self.resume_dir else None
         self.start_step = int(self.state["step"]) if self.state else 0
         self.run_dir = Path(config.out)
-        self._check_run_dir()
+        self.dist = Distributed.from_env(config, resolve_device(config.device))  # None in one process
+        self.is_main = self.dist is None or self.dist.is_main  # only rank 0 logs and writes checkpoints
+        if self.is_main:
+            self._check_run_dir()
         self.task = task if task is not None else resolve_task(config.task, config.task_options)
         if rewards is None:
             rewards = [(load_reward(r["func"]), float(r["weight"])) for r in config.rewards] or [
@@ -149,7 +153,7 @@ class Trainer:
         from fastes.engine.engine import Engine
 
         cfg = self.config
-        device = resolve_device(cfg.device)
+        device = self.dist.device if self.dist else resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         if not Path(cfg.model).is_dir():
             raise ValueError(f"model directory {cfg.model!r} not found")
@@ -232,24 +236,27 @@ class Trainer:
         per, k = cfg.prompts_per_step, cfg.samples_per_prompt
         prompts = [self._prompt_ids(i) for batch in batches for i in batch]
         sampling = cfg.sampling_params(seed=derive_seed(cfg.seed, step, "sampling"))
-        outs = self.engine.generate(prompts, sampling=sampling, population=pop, step=step, samples_per_prompt=k)
+        members = self.dist.members(pop) if self.dist else list(range(pop.size))
+        share = {"members": members} if self.dist else {}  # a rank generates its share of the population
+        outs = self.engine.generate(prompts, sampling=sampling, population=pop, step=step, samples_per_prompt=k,
+                                    **share)
         gen_s = time.perf_counter() - t0
         texts, flat_prompts, examples, tokens = [], [], [], 0
-        for m in range(pop.size):
+        for i, m in enumerate(members):
             b = self._member_batch(m)
             for j, index in enumerate(batches[b]):
                 example = self.train_set[index]
-                for completion in outs[m][b * per + j]:
+                for completion in outs[i][b * per + j]:
                     texts.append(completion.text)
                     flat_prompts.append(example.prompt)
                     examples.append(example)
                     tokens += len(completion.token_ids)
         scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples))
         block = per * k
-        grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(pop.size)]
+        grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(len(members))]
         if self.member_fitness is not None:
             rollouts = []
-            for m in range(pop.size):
+            for m in range(len(members)):
                 member_examples = examples[m * block : (m + 1) * block : k]
                 columns = collate_columns(member_examples)
                 completions = [texts[m * block + j * k : m * block + (j + 1) * k] for j in range(per)]
@@ -260,6 +267,9 @@ class Trainer:
             fitness = member_fitness(grid, "pass@k", k=cfg.fitness.pass_at_k)
         else:
             fitness = member_fitness(grid, "mean")
+        if self.dist is not None:  # N fitness floats cross the network; rewards and stats only for the metrics
+            fitness = self.dist.gather_fitness(fitness, pop)
+            scores, tokens, stats = self.dist.gather_rollouts(scores, tokens, stats)
         coeffs = self.es.tell(step, fitness)
         all_scores = torch.tensor(scores, dtype=torch.float64)
         elapsed = time.perf_counter() - t0
@@ -273,7 +283,7 @@ class Trainer:
             "skipped": int(coeffs is None),
             "lr": self.es.lr(step),
             "sigma": pop.sigma,
-            "completion/tokens_mean": tokens / max(1, len(texts)),
+            "completion/tokens_mean": tokens / max(1, len(scores)),
             "time/step_s": elapsed,
             "time/generate_s": gen_s,
             "tokens/s": tokens / gen_s if gen_s > 0 else 0.0,
@@ -285,8 +295,10 @@ class Trainer:
         """Greedy decoding of the unperturbed model on the held-out set: accuracy and mean reward."""
         if not self.eval_set:
             return {}
-        return evaluate(self.engine, self.task, self.eval_set, self.rewards,
-                        self.config.sampling_params(seed=0, greedy=True), self.use_chat)
+        examples = self.dist.shard(self.eval_set) if self.dist else self.eval_set
+        result = evaluate(self.engine, self.task, examples, self.rewards,
+                          self.config.sampling_params(seed=0, greedy=True), self.use_chat) if examples else None
+        return self.dist.merge_eval(result, len(examples)) if self.dist else result  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ the run
 
@@ -315,14 +327,14 @@ class Trainer:
         }
 
     def save(self, step: int) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            step,
-            self.engine,
-            self.state_dict(step),
-            self.es.optimizer.state_tensors(),
-            source_dir=self.config.model,
-        )
+        """Rank 0 writes the checkpoint (the state is identical on every rank); the others wait for it."""
+        path = ckpt.checkpoint_dir(self.run_dir, step)
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, step, self.engine, self.state_dict(step),
+                                        self.es.optimizer.state_tensors(), source_dir=self.config.model)
+        if self.dist is not None:
+            self.dist.barrier()
+        return path
 
     def _eval_due(self, step: int) -> bool:
         every = self.config.eval_every
@@ -331,18 +343,24 @@ class Trainer:
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
         """Run from the start (or resumed) step to ``config.steps``; ``max_steps`` stops early with a checkpoint."""
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.run_dir / "config.yaml")
-        truncate_metrics(self.run_dir, self.start_step)
-        logger = RunLogger(self.run_dir, cfg.steps, self.start_step, cfg.progress, cfg.tensorboard)
+        logger: RunLogger | NullLogger = NullLogger()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(self.run_dir / "config.yaml")
+            truncate_metrics(self.run_dir, self.start_step)
+            logger = RunLogger(self.run_dir, cfg.steps, self.start_step, cfg.progress, cfg.tensorboard)
         stop = cfg.steps if max_steps is None else min(cfg.steps, self.start_step + max_steps)
         step, saved = self.start_step, self.start_step
         try:
+            if self.dist is not None:  # ranks start from the same weights (same files on every node, or repaired)
+                logger.log({"step": step, **self.dist.check(self.engine, self.es, step)})
             while step < stop:
                 record: dict[str, Any] = {"step": step}
                 if self._eval_due(step):
                     record.update(self.evaluate())
                 record.update(self.train_step(step))
+                if self.dist is not None:  # fault hooks, and the checksum guard when due, after this update
+                    record.update(self.dist.after_step(self.engine, self.es, step + 1))
                 logger.log(record)
                 step += 1
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
