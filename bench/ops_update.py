@@ -7,6 +7,11 @@ bandwidth (DESIGN.md section 7 anchor), full as noise values per second (K disti
 numel / time). On CPU: the CPU path (torch + C++ noise fill when built), wall-clock medians.
 Raw timings, device, versions and git commit go to bench/results/ops_update-<device>-<timestamp>.json.
 
+On CPU it also compares, on one core at 1536 × 1536 with N = 8 and 32, the fused C++ full-rank update
+(``fastes._C.es_update_full``) with the unfused path it replaced (each index's noise materialized by
+the C++ fill, torch adds, torch reference rounding) and with that path using the C++ rounding; the
+three run side by side in one process (``--cpu-update`` runs only this comparison).
+
 Two numbers at the headline case (8960 × 1536 bf16, N = 32 antithetic, r = 1; derivation in
 fastes/ops/es_update_triton.py): 55.1 MB moved (16.4 µs at 3.35 TB/s); 0.44 GFLOP of GEMM plus
 4.73e6 Philox calls (3.44e6 of them for the rounding bits) and 2.6e6 Box–Muller pairs, ≈ 0.58e9
@@ -23,12 +28,15 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from fastes.noise import NoiseSpec
-from fastes.ops.es_update import es_update
+from fastes.noise import NoiseSpec, tensor_id
+from fastes.ops.es_update import es_update, fold_coefficients
+from fastes.ops.noise import noise_fill
+from fastes.ops.stochastic_round import stochastic_round, stochastic_round_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV heads of 128, vocab 151936.
@@ -116,6 +124,59 @@ def _case(shape: tuple[int, int], dtype: torch.dtype, mode: str, members: int, d
     return row
 
 
+def _unfused_full_update(weight: torch.Tensor, spec: NoiseSpec, coeffs: torch.Tensor, lr: float, name: str,
+                         cpp_round: bool) -> None:
+    """The CPU full-rank path before the fused kernel: K noise tensors materialized, torch adds, then rounding."""
+    total = torch.zeros(weight.shape)
+    buf = torch.empty(weight.shape)
+    for index, c in fold_coefficients(spec, coeffs):
+        total.add_(noise_fill(buf, spec.seed, tensor_id(name), index, spec.step, 0, spec.kind), alpha=c)
+    updated = weight.float() + lr * total
+    if cpp_round:
+        stochastic_round(updated, weight, spec.seed, name, spec.step)
+    else:
+        weight.copy_(stochastic_round_ref(updated, weight.dtype, spec.seed, name, spec.step))
+
+
+def cpu_update_comparison(repeats: int = 5) -> list[dict[str, object]]:
+    """Fused C++ full-rank update vs the unfused torch path, one core, 1536 × 1536, values/s = K·numel/time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the C++ kernels follow torch's setting
+    rows: list[dict[str, object]] = []
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for members in (8, 32):
+                weight = (torch.randn(1536, 1536) * 0.02).to(dtype)
+                spec = NoiseSpec(seed=1234, step=7, antithetic=True)
+                coeffs = torch.randn(members, dtype=torch.float64) / members
+                args = (weight, spec, coeffs, 1e-3)
+                paths: dict[str, Callable[[], None]] = {
+                    "fused_cpp": partial(es_update, *args, 1.0, "full", 1, "bench.weight", backend="cpu"),
+                    "unfused_torch_round": partial(_unfused_full_update, *args, "bench.weight", False)}
+                if dtype != torch.float32:
+                    paths["unfused_cpp_round"] = partial(_unfused_full_update, *args, "bench.weight", True)
+                row: dict[str, object] = {"label": "cpu fused vs unfused (1 thread)", "shape": [1536, 1536],
+                                          "dtype": str(dtype).removeprefix("torch."), "mode": "full",
+                                          "members": members, "noise_indices": members // 2}
+                values = members // 2 * weight.numel()
+                times: dict[str, list[float]] = {path: [] for path in paths}
+                for _ in range(repeats):  # round-robin, so load from other processes hits every path alike
+                    for path, fn in paths.items():
+                        times[path].extend(_cpu_times(fn, 1))
+                for path, ms_all in times.items():
+                    row[f"{path}_ms_all"] = ms_all
+                    row[f"{path}_values_per_s"] = values / (statistics.median(ms_all) * 1e-3)
+                row["speedup_vs_unfused_torch_round"] = (row["fused_cpp_values_per_s"]
+                                                         / row["unfused_torch_round_values_per_s"])
+                rows.append(row)
+                print(f"cpu 1 thread full (1536, 1536) {row['dtype']:9s} N={members:<3d} "
+                      + "  ".join(f"{p} {row[f'{p}_values_per_s'] / 1e6:7.1f} Mvalues/s" for p in paths)
+                      + f"  fused/unfused {row['speedup_vs_unfused_torch_round']:.1f}x")
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def _copy_bandwidth(numel: int, dtype: torch.dtype) -> float:
     """GB/s of a device-to-device copy (read + write) of ``numel`` elements: the roofline we compare to."""
     src = torch.empty(numel, dtype=dtype, device="cuda")
@@ -124,8 +185,11 @@ def _copy_bandwidth(numel: int, dtype: torch.dtype) -> float:
     return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def run(quick: bool) -> dict[str, object]:
+def run(quick: bool, cpu_update_only: bool = False) -> dict[str, object]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cpu_update_only:
+        return {"benchmark": "ops_update", "quick": quick, "environment": _environment("cpu"),
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": cpu_update_comparison()}
     if device == "cpu":  # the torch CPU path would take minutes per call at the vocabulary shape
         shapes = QUICK_SHAPES if quick else {k: v for k, v in SHAPES.items() if k != "embed/lm_head"}
     else:
@@ -153,6 +217,8 @@ def run(quick: bool) -> dict[str, object]:
                 row = {"variant": variant, "error": repr(err)}
             rows.append(row)
             _print(row)
+    if device == "cpu":
+        rows.extend(cpu_update_comparison())
     return {"benchmark": "ops_update", "quick": quick, "environment": _environment(device),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": rows}
 
@@ -174,8 +240,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes on CPU, no vocabulary shape on GPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
+    parser.add_argument("--cpu-update", action="store_true",
+                        help="only the one-core comparison of the fused C++ update with the unfused torch path")
     args = parser.parse_args()
-    result = run(args.quick)
+    result = run(args.quick, args.cpu_update)
     name = str(result["environment"]["device"]) or "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     out = args.out or RESULTS / f"ops_update-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -1,10 +1,11 @@
 // Python bindings of fastes._C. Each concept keeps its kernels in its own files (noise_cpu.cpp,
-// noise_cuda.cu, later update_*.cpp / .cu) behind a plain C ABI; this file only validates inputs,
-// picks the device and the stream, and converts errors (bad input -> ValueError).
+// noise_cuda.cu, es_update_cpu.cpp, stochastic_round_cpu.cpp) behind a plain C ABI; this file only
+// validates inputs, picks the device and the stream, and converts errors (bad input -> ValueError).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 #ifdef FASTES_WITH_CUDA
 // c10 only: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers for nothing.
@@ -14,6 +15,8 @@
 
 #include "noise.h"
 #include "philox.h"
+#include "stochastic_round.h"
+#include "update.h"
 
 namespace py = pybind11;
 
@@ -109,6 +112,118 @@ torch::Tensor noise_fill(torch::Tensor out, const py::object& seed_obj, const py
   return out;
 }
 
+std::vector<uint32_t> to_indices(const py::sequence& seq) {
+  std::vector<uint32_t> out;
+  out.reserve(seq.size());
+  for (const py::handle& item : seq) out.push_back(to_u32(item, "noise_indices"));
+  return out;
+}
+
+void check_cpu_contiguous(const torch::Tensor& t, const char* arg) {
+  if (!t.device().is_cpu()) throw py::value_error(std::string(arg) + " must be a CPU tensor, got " + t.device().str());
+  if (!t.is_contiguous()) throw py::value_error(std::string(arg) + " must be contiguous");
+}
+
+// FASTES_DTYPE_* of a float32 / bfloat16 / float16 tensor, or ValueError naming `arg`.
+int dtype_code(const torch::Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return FASTES_DTYPE_FLOAT32;
+    case torch::kBFloat16: return FASTES_DTYPE_BFLOAT16;
+    case torch::kFloat16: return FASTES_DTYPE_FLOAT16;
+    default:
+      throw py::value_error(std::string(arg) + " must be float32, bfloat16 or float16, got " +
+                            std::string(c10::toString(t.scalar_type())));
+  }
+}
+
+// Row r of out [K, n] <- elements offset.. of stream (seed, tensor_id, noise_indices[r], step); CPU only.
+torch::Tensor noise_fill_many(torch::Tensor out, const py::object& seed_obj, const py::object& tensor_id_obj,
+                              const py::sequence& indices_obj, const py::object& step_obj,
+                              const py::object& offset_obj, const py::object& kind_obj, int64_t num_threads) {
+  check_float_out(out);
+  check_cpu_contiguous(out, "out");
+  const std::vector<uint32_t> indices = to_indices(indices_obj);
+  if (out.dim() != 2 || out.size(0) != (int64_t)indices.size())
+    throw py::value_error("out must be 2-D [K, n] with K = len(noise_indices) = " + std::to_string(indices.size()));
+  const uint64_t seed = to_uint(seed_obj, "seed", kU64Max);
+  const uint32_t tensor_id = to_u32(tensor_id_obj, "tensor_id");
+  const uint32_t step = to_u32(step_obj, "step");
+  const uint64_t offset = to_uint(offset_obj, "offset", kU64Max);
+  const int kind = to_kind(kind_obj);
+  const int threads = resolve_threads(num_threads);
+  float* ptr = out.data_ptr<float>();
+  const char* err;
+  {
+    py::gil_scoped_release no_gil;
+    err = fastes_noise_fill_many_cpu(ptr, out.size(0), out.size(1), seed, tensor_id, indices.data(), step, offset,
+                                     kind, threads);
+  }
+  if (err) throw py::value_error(err);
+  return out;
+}
+
+// Fused full-rank ES update of a CPU weight in place (coeffs already hold lr * s * folded c_k).
+torch::Tensor es_update_full(torch::Tensor weight, const py::object& seed_obj, const py::object& tensor_id_obj,
+                             const py::sequence& indices_obj, const std::vector<double>& coeffs,
+                             const py::object& step_obj, const py::object& kind_obj,
+                             const py::object& sr_tensor_id_obj, int64_t num_threads) {
+  check_cpu_contiguous(weight, "weight");
+  const int dtype = dtype_code(weight, "weight");
+  const std::vector<uint32_t> indices = to_indices(indices_obj);
+  if (indices.size() != coeffs.size())
+    throw py::value_error("coeffs must have one entry per noise index, got " + std::to_string(coeffs.size()) +
+                          " for " + std::to_string(indices.size()));
+  const std::vector<float> c(coeffs.begin(), coeffs.end());  // fp32, like the Triton kernel's coefficients
+  const uint64_t seed = to_uint(seed_obj, "seed", kU64Max);
+  const uint32_t tensor_id = to_u32(tensor_id_obj, "tensor_id");
+  const uint32_t step = to_u32(step_obj, "step");
+  const int kind = to_kind(kind_obj);
+  const uint32_t sr_tensor_id = to_u32(sr_tensor_id_obj, "sr_tensor_id");
+  const int threads = resolve_threads(num_threads);
+  void* ptr = weight.data_ptr();
+  const char* err;
+  {
+    py::gil_scoped_release no_gil;
+    err = fastes_es_update_full_cpu(ptr, dtype, weight.numel(), seed, tensor_id, indices.data(), c.data(),
+                                    (int64_t)c.size(), step, kind, sr_tensor_id, threads);
+  }
+  if (err) throw py::value_error(err);
+  return weight;
+}
+
+// out <- value (fp32) stochastically rounded to out's dtype with the bits of elements offset.. of
+// the rounding stream (seed, sr_tensor_id, SR_NOISE_INDEX, step); CPU only.
+torch::Tensor stochastic_round(const torch::Tensor& value, torch::Tensor out, const py::object& seed_obj,
+                               const py::object& sr_tensor_id_obj, const py::object& step_obj,
+                               const py::object& offset_obj, int64_t num_threads) {
+  if (value.scalar_type() != torch::kFloat32) throw py::value_error("value must be a float32 tensor");
+  check_cpu_contiguous(value, "value");
+  check_cpu_contiguous(out, "out");
+  const int dtype = dtype_code(out, "out");
+  if (value.numel() != out.numel())
+    throw py::value_error("value and out must have the same number of elements, got " +
+                          std::to_string(value.numel()) + " and " + std::to_string(out.numel()));
+  const uint64_t seed = to_uint(seed_obj, "seed", kU64Max);
+  const uint32_t sr_tensor_id = to_u32(sr_tensor_id_obj, "sr_tensor_id");
+  const uint32_t step = to_u32(step_obj, "step");
+  const uint64_t offset = to_uint(offset_obj, "offset", kU64Max);
+  if (dtype != FASTES_DTYPE_FLOAT32) {  // narrower out over its own input: threads would race
+    const char* a = (const char*)value.data_ptr();
+    const char* b = (const char*)out.data_ptr();
+    if (a < b + out.nbytes() && b < a + value.nbytes()) throw py::value_error("value and out must not overlap");
+  }
+  const int threads = resolve_threads(num_threads);
+  const float* src = value.data_ptr<float>();
+  void* dst = out.data_ptr();
+  const char* err;
+  {
+    py::gil_scoped_release no_gil;
+    err = fastes_stochastic_round_cpu(src, dst, dtype, value.numel(), seed, sr_tensor_id, step, offset, threads);
+  }
+  if (err) throw py::value_error(err);
+  return out;
+}
+
 // Raw stream: int64 [num_blocks, 4] of uint32 words (the layout of fastes.noise.uint32_blocks).
 torch::Tensor philox_blocks(const py::object& seed_obj, const py::object& tensor_id_obj,
                             const py::object& noise_index_obj, const py::object& step_obj,
@@ -182,6 +297,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fill float32 contiguous `out` (CPU or CUDA) with elements offset..offset+numel-1 of the stream "
         "(seed, tensor_id, noise_index, step); kind 0/'gaussian' or 1/'rademacher'. CUDA runs on torch's "
         "current stream. num_threads=0 uses torch.get_num_threads(); the result never depends on it. "
+        "Returns `out`.");
+  m.def("noise_fill_many", &noise_fill_many, py::arg("out"), py::arg("seed"), py::arg("tensor_id"),
+        py::arg("noise_indices"), py::arg("step"), py::arg("offset"), py::arg("kind"), py::arg("num_threads") = 0,
+        "Fill float32 contiguous CPU `out` [K, n]: row k = elements offset.. of stream "
+        "(seed, tensor_id, noise_indices[k], step), several members' noise in one call. Returns `out`.");
+  m.def("es_update_full", &es_update_full, py::arg("weight"), py::arg("seed"), py::arg("tensor_id"),
+        py::arg("noise_indices"), py::arg("coeffs"), py::arg("step"), py::arg("kind"), py::arg("sr_tensor_id"),
+        py::arg("num_threads") = 0,
+        "Fused full-rank ES update of a contiguous CPU weight (float32/bfloat16/float16) in place: "
+        "W <- round(W + sum_k coeffs[k] * E_k) with fp32 sums in index order, no noise tensor; bf16/fp16 "
+        "stochastically rounded with the stream of sr_tensor_id. coeffs (floats) already hold lr*s*c_k and "
+        "are used as float32. Returns `weight`; the result never depends on num_threads.");
+  m.def("stochastic_round", &stochastic_round, py::arg("value"), py::arg("out"), py::arg("seed"),
+        py::arg("sr_tensor_id"), py::arg("step"), py::arg("offset") = 0, py::arg("num_threads") = 0,
+        "out <- float32 `value` rounded to out's dtype (bfloat16/float16 stochastically, float32 copied) with "
+        "the words of elements offset.. of (seed, sr_tensor_id, SR_NOISE_INDEX, step); CPU, contiguous. "
         "Returns `out`.");
   m.def("philox_blocks", &philox_blocks, py::arg("seed"), py::arg("tensor_id"), py::arg("noise_index"),
         py::arg("step"), py::arg("start_block"), py::arg("num_blocks"), py::arg("num_threads") = 0,

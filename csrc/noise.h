@@ -18,6 +18,12 @@ typedef struct CUstream_st* cudaStream_t;
 const char* fastes_noise_fill_cpu(float* out, int64_t n, uint64_t seed, uint32_t tensor_id, uint32_t noise_index,
                                   uint32_t step, uint64_t offset, int kind, int num_threads);
 
+// Row r of out [rows, n] (row-major) = elements offset.. of stream (seed, tensor_id, noise_indices[r], step):
+// several members' noise in one call, one thread team over all (row, tile) pairs.
+const char* fastes_noise_fill_many_cpu(float* out, int64_t rows, int64_t n, uint64_t seed, uint32_t tensor_id,
+                                       const uint32_t* noise_indices, uint32_t step, uint64_t offset, int kind,
+                                       int num_threads);
+
 // out[4*i + j] = word j of Philox block start_block + i, for i < num_blocks (uint32 held in int64,
 // the layout of fastes.noise.uint32_blocks).
 const char* fastes_philox_blocks_cpu(int64_t* out, uint64_t seed, uint32_t tensor_id, uint32_t noise_index,

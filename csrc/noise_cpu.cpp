@@ -9,35 +9,17 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu_tiles.h"
 #include "noise.h"
 #include "philox.h"
 
-// The build stays portable (plain -O3, baseline x86-64): wider ISAs are picked at run time,
-// by GCC function multiversioning for the Box-Muller / sign loops (FASTES_CLONES) and by a
-// CPUID check for the hand-written Philox (FASTES_X86_SIMD). Every copy gives the same bits
-// (IEEE ops only, no FMA fusion: -ffp-contract=off).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(FASTES_NO_TARGET_CLONES)
-#define FASTES_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define FASTES_X86_SIMD 1
-#include <immintrin.h>
-#else
-#define FASTES_CLONES
-#define FASTES_X86_SIMD 0
-#endif
+// FASTES_CLONES / FASTES_X86_SIMD (runtime ISA dispatch): see cpu_tiles.h.
+
+namespace fastes_cpu {
+
+constexpr int64_t kMaxTileValues = 2048;
 
 namespace {
-
-constexpr int64_t kGaussTile = 256;     // blocks per tile: 1024 floats (4 KiB) stay in L1
-constexpr int64_t kRadeTile = 16;       // blocks per tile: 2048 floats (8 KiB)
-constexpr int64_t kMaxTileValues = 2048;
-constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this a thread team costs more than it saves
-constexpr uint64_t kMaxBlocks = 1ull << 32;  // the block index is one uint32 counter word
-
-struct Stream {
-  uint64_t seed;
-  uint32_t tensor_id, noise_index, step;
-};
 
 // Words of `count` consecutive blocks from first_block, one array per word. Portable version,
 // also the tail of the SIMD ones: compilers vectorize it, though poorly on AVX2.
@@ -129,6 +111,8 @@ PhiloxTileFn pick_philox_tile() {
   return philox_tile_generic;
 }
 
+}  // namespace
+
 void philox_tile(const Stream& s, uint32_t first_block, int64_t count, uint32_t* w0, uint32_t* w1, uint32_t* w2,
                  uint32_t* w3) {
   static const PhiloxTileFn fn = pick_philox_tile();
@@ -171,41 +155,87 @@ FASTES_CLONES void rademacher_tile(const Stream& s, uint32_t first_block, int64_
   }
 }
 
+namespace {
+
+// The layout of one fill: elements [offset, end) of a stream cut into tiles of whole blocks.
+struct FillPlan {
+  bool gauss;
+  uint64_t per, offset, end, first_block, last_block;
+  int64_t tile_blocks, num_tiles;
+};
+
+const char* plan_fill(int64_t n, uint64_t offset, int kind, FillPlan* plan) {
+  if (kind != FASTES_KIND_GAUSSIAN && kind != FASTES_KIND_RADEMACHER) return "kind must be 0 (gaussian) or 1 (rademacher)";
+  if (n < 0) return "n must be non-negative";
+  plan->gauss = kind == FASTES_KIND_GAUSSIAN;
+  plan->per = plan->gauss ? FASTES_GAUSSIAN_PER_BLOCK : FASTES_RADEMACHER_PER_BLOCK;
+  plan->tile_blocks = plan->gauss ? kGaussTile : kRadeTile;
+  plan->offset = offset;
+  plan->end = offset + (uint64_t)n;  // one past the last element
+  if (n == 0) {
+    plan->num_tiles = 0;
+    return nullptr;
+  }
+  if (plan->end < offset || (plan->end - 1) / plan->per >= kMaxBlocks) return "noise stream exceeds 2**32 blocks";
+  plan->first_block = offset / plan->per;
+  plan->last_block = (plan->end - 1) / plan->per;
+  const int64_t num_blocks = (int64_t)(plan->last_block - plan->first_block + 1);
+  plan->num_tiles = (num_blocks + plan->tile_blocks - 1) / plan->tile_blocks;
+  return nullptr;
+}
+
+// Tile t of a fill into out (element offset.. of the stream at out[0]).
+void fill_tile(const FillPlan& p, const Stream& s, int64_t t, float* out) {
+  alignas(64) float buf[kMaxTileValues];
+  const uint64_t b0 = p.first_block + (uint64_t)(t * p.tile_blocks);
+  const int64_t count = std::min<int64_t>(p.tile_blocks, (int64_t)(p.last_block + 1 - b0));
+  const uint64_t tile_lo = b0 * p.per, tile_hi = tile_lo + (uint64_t)count * p.per;
+  const uint64_t lo = std::max(tile_lo, p.offset), hi = std::min(tile_hi, p.end);
+  // Tiles that lie wholly inside [offset, end) are written in place; edge tiles go through buf.
+  const bool whole = lo == tile_lo && hi == tile_hi;
+  float* dst = whole ? out + (tile_lo - p.offset) : buf;
+  if (p.gauss) {
+    gaussian_tile(s, (uint32_t)b0, count, dst);
+  } else {
+    rademacher_tile(s, (uint32_t)b0, count, dst);
+  }
+  if (!whole) std::memcpy(out + (lo - p.offset), buf + (lo - tile_lo), (hi - lo) * sizeof(float));
+}
+
 }  // namespace
+
+int team_size(int64_t work, int64_t items, int num_threads) {
+  return work < kSerialBelow ? 1 : (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, items));
+}
+
+}  // namespace fastes_cpu
+
+using namespace fastes_cpu;
 
 extern "C" const char* fastes_noise_fill_cpu(float* out, int64_t n, uint64_t seed, uint32_t tensor_id,
                                              uint32_t noise_index, uint32_t step, uint64_t offset, int kind,
                                              int num_threads) {
-  if (kind != FASTES_KIND_GAUSSIAN && kind != FASTES_KIND_RADEMACHER) return "kind must be 0 (gaussian) or 1 (rademacher)";
-  if (n < 0) return "n must be non-negative";
-  if (n == 0) return nullptr;
-  const bool gauss = kind == FASTES_KIND_GAUSSIAN;
-  const uint64_t per = gauss ? FASTES_GAUSSIAN_PER_BLOCK : FASTES_RADEMACHER_PER_BLOCK;
-  const int64_t tile_blocks = gauss ? kGaussTile : kRadeTile;
-  const uint64_t end = offset + (uint64_t)n;  // one past the last element
-  if (end < offset || (end - 1) / per >= kMaxBlocks) return "noise stream exceeds 2**32 blocks";
-  const uint64_t first_block = offset / per, last_block = (end - 1) / per;
-  const int64_t num_blocks = (int64_t)(last_block - first_block + 1);
-  const int64_t num_tiles = (num_blocks + tile_blocks - 1) / tile_blocks;
-  const int threads = n < kSerialBelow ? 1 : (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, num_tiles));
+  FillPlan plan;
+  if (const char* err = plan_fill(n, offset, kind, &plan)) return err;
   const Stream s{seed, tensor_id, noise_index, step};
+#pragma omp parallel for num_threads(team_size(n, plan.num_tiles, num_threads)) schedule(static)
+  for (int64_t t = 0; t < plan.num_tiles; ++t) fill_tile(plan, s, t, out);
+  return nullptr;
+}
 
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < num_tiles; ++t) {
-    alignas(64) float buf[kMaxTileValues];
-    const uint64_t b0 = first_block + (uint64_t)(t * tile_blocks);
-    const int64_t count = std::min<int64_t>(tile_blocks, (int64_t)(last_block + 1 - b0));
-    const uint64_t tile_lo = b0 * per, tile_hi = tile_lo + (uint64_t)count * per;
-    const uint64_t lo = std::max(tile_lo, offset), hi = std::min(tile_hi, end);
-    // Tiles that lie wholly inside [offset, end) are written in place; edge tiles go through buf.
-    const bool whole = lo == tile_lo && hi == tile_hi;
-    float* dst = whole ? out + (tile_lo - offset) : buf;
-    if (gauss) {
-      gaussian_tile(s, (uint32_t)b0, count, dst);
-    } else {
-      rademacher_tile(s, (uint32_t)b0, count, dst);
-    }
-    if (!whole) std::memcpy(out + (lo - offset), buf + (lo - tile_lo), (hi - lo) * sizeof(float));
+extern "C" const char* fastes_noise_fill_many_cpu(float* out, int64_t rows, int64_t n, uint64_t seed,
+                                                  uint32_t tensor_id, const uint32_t* noise_indices, uint32_t step,
+                                                  uint64_t offset, int kind, int num_threads) {
+  if (rows < 0) return "rows must be non-negative";
+  FillPlan plan;
+  if (const char* err = plan_fill(n, offset, kind, &plan)) return err;
+  // One team over (row, tile) pairs: several small rows still use every thread.
+  const int64_t items = rows * plan.num_tiles;
+#pragma omp parallel for num_threads(team_size(rows * n, items, num_threads)) schedule(static)
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t row = i / plan.num_tiles;
+    const Stream s{seed, tensor_id, noise_indices[row], step};
+    fill_tile(plan, s, i % plan.num_tiles, out + row * n);
   }
   return nullptr;
 }

@@ -19,7 +19,7 @@ import torch
 from fastes.es.config import OptimConfig, PopulationConfig, TrainConfig
 from fastes.models import Perturbation
 from fastes.ops.es_update import es_update
-from fastes.ops.stochastic_round import stochastic_round_ref
+from fastes.ops.stochastic_round import stochastic_round
 from fastes.population import Population
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def write_weight(param: torch.Tensor, value: torch.Tensor, seed: int, name: str,
     if param.dtype == torch.float32:
         param.copy_(value)
     else:
-        param.copy_(stochastic_round_ref(value, param.dtype, seed, name, step).to(param.device))
+        stochastic_round(value, param, seed, name, step)  # C++ on CPU, Triton on CUDA; same bits as the reference
 
 
 class ESOptimizer:

@@ -5,6 +5,12 @@ Antithetic pairs share a noise index, so coefficients are first folded per index
 (out × K·r)·(K·r × in); full is a per-element sum over the K indices. fp32
 accumulation, bf16/fp16 written with stochastic rounding (``stochastic_round``).
 Deterministic: no atomics, a fixed summation order over indices.
+
+Backends: Triton on CUDA (``es_update_triton``, everything fused). On CPU, full mode is one
+fused C++ pass (``fastes._C.es_update_full``: noise regenerated per tile in L1, fp32 sums in
+index order, rounding in the same pass); lowrank is a torch GEMM of the K factor streams
+(filled in one ``noise_fill_many`` call) followed by the C++ rounding. Without the extension
+the CPU path runs on torch (materialized noise, reference rounding).
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import math
 
 import torch
 
-from fastes.noise import NoiseSpec, check_rank, member_noise_tensor, tensor_id
+from fastes import _backend
+from fastes.noise import NoiseSpec, check_rank, member_noise_tensor, sr_tensor_id, tensor_id
 from fastes.ops import member_noise
 from fastes.ops.checks import check_tensor
-from fastes.ops.stochastic_round import stochastic_round_ref
+from fastes.ops.stochastic_round import stochastic_round, stochastic_round_ref
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -50,15 +57,18 @@ def fold_coefficients(noise: NoiseSpec, coeffs: torch.Tensor) -> list[tuple[int,
 
 def _direction_cpu(weight: torch.Tensor, noise: NoiseSpec, folded: list[tuple[int, float]], mode: str, rank: int,
                    name: str) -> torch.Tensor:
+    """Σ_k c_k·E_k as a fresh fp32 tensor: one GEMM for lowrank, materialized noise for full (no extension)."""
     shape = tuple(weight.shape)
     if mode == "lowrank" and weight.dim() == 2 and folded:
         out_f, in_f = shape
-        a_parts, b_parts = [], []
-        for index, c in folded:
-            flat = member_noise.stream_tensor(noise, name, index, (in_f + out_f) * rank, 0, weight.device)
-            b_parts.append(flat[: in_f * rank].reshape(in_f, rank))
-            a_parts.append(flat[in_f * rank :].reshape(out_f, rank) * (c / math.sqrt(rank)))
-        return torch.cat(a_parts, 1) @ torch.cat(b_parts, 1).T
+        k = len(folded)
+        flat = member_noise.stream_tensors(noise, name, [i for i, _ in folded], (in_f + out_f) * rank, 0,
+                                           weight.device)
+        coef = torch.tensor([c / math.sqrt(rank) for _, c in folded], dtype=torch.float32, device=weight.device)
+        # columns (k, j) in index order: A_cat [out, K·r] = [c_0 A_0 / √r | c_1 A_1 / √r | ...], B_cat likewise
+        a = (flat[:, in_f * rank :].reshape(k, out_f, rank) * coef[:, None, None]).permute(1, 0, 2)
+        b = flat[:, : in_f * rank].reshape(k, in_f, rank).permute(1, 0, 2)
+        return a.reshape(out_f, k * rank) @ b.reshape(in_f, k * rank).T
     total = torch.zeros(shape, dtype=torch.float32, device=weight.device)
     for index, c in folded:
         total.add_(member_noise.stream_tensor(noise, name, index, weight.numel(), 0, weight.device).view(shape),
@@ -69,12 +79,21 @@ def _direction_cpu(weight: torch.Tensor, noise: NoiseSpec, folded: list[tuple[in
 def _es_update_cpu(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: float, scale: float,
                    mode: str, rank: int, name: str) -> None:
     folded = fold_coefficients(noise, coeffs)
+    if not folded or weight.numel() == 0:
+        return  # nothing to add: W + 0 rounds back to W (as in the Triton path)
+    lowrank = mode == "lowrank" and weight.dim() == 2
+    fused = None if lowrank or weight.device.type != "cpu" else getattr(_backend.extension(), "es_update_full", None)
+    if fused is not None:
+        target = weight if weight.is_contiguous() else weight.contiguous()
+        mult = lr * scale  # c_k·lr·s in fp64, used as fp32 by the kernel (as the Triton launcher does)
+        fused(target, noise.seed, tensor_id(name), [i for i, _ in folded], [c * mult for _, c in folded],
+              noise.step, noise.kind, sr_tensor_id(name))
+        if target is not weight:
+            weight.copy_(target)
+        return
     direction = _direction_cpu(weight, noise, folded, mode, rank, name)
-    updated = weight.float() + (lr * scale) * direction
-    if weight.dtype == torch.float32:
-        weight.copy_(updated)
-    else:
-        weight.copy_(stochastic_round_ref(updated, weight.dtype, noise.seed, name, noise.step))
+    updated = direction.mul_(lr * scale).add_(weight)  # = W + (lr·s)·direction, bit for bit, without a copy
+    stochastic_round(updated, weight, noise.seed, name, noise.step)
 
 
 def es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: float, scale: float = 1.0,

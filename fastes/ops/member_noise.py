@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 import torch
 
+from fastes import _backend
 from fastes.noise import NoiseSpec, tensor_id
 
 CACHE_BYTES = 256 << 20
@@ -55,6 +56,41 @@ def stream_tensor(spec: NoiseSpec, name: str, index: int, numel: int, offset: in
     if torch.device(device).type != "cpu":
         return make()
     return _cached((spec.seed, spec.step, spec.kind, name, index, numel, offset), make)
+
+
+def stream_tensors(spec: NoiseSpec, name: str, indices: list[int], numel: int, offset: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Several indices' streams as the rows of one fresh float32 [K, numel] tensor on ``device``.
+
+    Rows already in the cache are copied; the others are filled in one call (the C++
+    ``noise_fill_many``: one thread team for all rows) and not cached, since callers such as the
+    update read them once.
+    """
+    from fastes.ops.noise import KIND_INT, noise_fill
+
+    device = torch.device(device)
+    out = torch.empty((len(indices), numel), dtype=torch.float32, device=device)
+    missing: list[int] = []
+    for row, index in enumerate(indices):
+        key = (spec.seed, spec.step, spec.kind, name, index, numel, offset)
+        hit = _cache.get(key) if device.type == "cpu" else None
+        if hit is None:
+            missing.append(row)
+        else:
+            out[row] = hit
+    if not missing or numel == 0:
+        return out
+    rows = out if len(missing) == len(indices) else torch.empty((len(missing), numel), dtype=torch.float32,
+                                                                 device=device)
+    many = getattr(_backend.extension(), "noise_fill_many", None) if device.type == "cpu" else None
+    if many is not None:
+        many(rows, spec.seed, tensor_id(name), [indices[r] for r in missing], spec.step, offset, KIND_INT[spec.kind])
+    else:
+        for j, row in enumerate(missing):
+            noise_fill(rows[j], spec.seed, tensor_id(name), indices[row], spec.step, offset, spec.kind)
+    if rows is not out:
+        out[missing] = rows
+    return out
 
 
 def dense(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],

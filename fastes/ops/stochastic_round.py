@@ -3,6 +3,10 @@
 Small ES updates (lr·σ-scale steps) are far below a bf16 ulp; round-to-nearest
 would drop them. Rounding up with probability equal to the remainder keeps the
 update unbiased in expectation. Bits: ``fastes.noise.stochastic_rounding_bits``.
+
+``stochastic_round_ref`` is the oracle. ``stochastic_round`` writes into a weight with the
+fastest backend: the C++ kernel (``fastes._C.stochastic_round``) on CPU, a small Triton
+kernel on CUDA (the same ``_round`` as the fused Triton es_update), the reference otherwise.
 """
 
 from __future__ import annotations
@@ -11,9 +15,20 @@ import math
 
 import torch
 
-from fastes.noise import stochastic_rounding_bits
+from fastes import _backend
+from fastes.noise import SR_NOISE_INDEX, split_seed, sr_tensor_id, stochastic_rounding_bits
+
+try:  # Triton is optional: CPU-only installs use C++ or the reference.
+    import triton
+    import triton.language as tl
+
+    from fastes.ops import philox
+    from fastes.ops.es_update_triton import OUT_CODES, _as_i32, _flat4, _round
+except Exception:  # noqa: BLE001 - any failure means "no Triton backend"
+    triton = None
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 def round_bf16(value: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -47,3 +62,78 @@ def stochastic_round_ref(value: torch.Tensor, dtype: torch.dtype, seed: int, nam
         return value.clone()
     bits = stochastic_rounding_bits(seed, name, step, value.numel()).reshape(value.shape)
     return round_bf16(value, bits) if dtype == torch.bfloat16 else round_fp16(value, bits)
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n", "k0", "k1", "sr_tid", "sr_idx", "step"])
+    def _round_kernel(v_ptr, out_ptr, n, k0, k1, sr_tid, sr_idx, step, BLOCK: tl.constexpr, OUT: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK  # BLOCK % 4 == 0: each program owns whole blocks
+        e = start + tl.arange(0, BLOCK)
+        mask = e < n
+        v = tl.load(v_ptr + e, mask=mask, other=0.0)
+        blk = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+        x0, x1, x2, x3 = philox.philox4x32_10(blk, sr_tid, sr_idx, step, k0, k1)
+        tl.store(out_ptr + e, _round(v, _flat4(x0, x1, x2, x3), OUT), mask=mask)
+
+
+def _round_triton(value: torch.Tensor, out: torch.Tensor, seed: int, name: str, step: int) -> None:
+    """Contiguous fp32 ``value`` → contiguous ``out`` (bf16/fp16) on one device, in one launch."""
+    n = out.numel()
+    if n >= 1 << 34:
+        raise ValueError("out has more than 2**34 elements: beyond one stochastic-rounding counter space")
+    block = 4096 if _backend.triton_interpreted() else 1024
+    k0, k1 = split_seed(seed)
+    _round_kernel[(triton.cdiv(n, block),)](value, out, n, _as_i32(k0), _as_i32(k1), _as_i32(sr_tensor_id(name)),
+                                            _as_i32(SR_NOISE_INDEX), _as_i32(step), BLOCK=block,
+                                            OUT=OUT_CODES[out.dtype], num_warps=4)
+
+
+def _resolve(backend: str, out: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if out.device.type == "cpu":
+        return "cpp" if getattr(_backend.extension(), "stochastic_round", None) is not None else "reference"
+    return "triton" if out.is_cuda and triton is not None else "reference"
+
+
+def stochastic_round(value: torch.Tensor, out: torch.Tensor, seed: int, name: str, step: int,
+                     backend: str = "auto") -> torch.Tensor:
+    """out ← ``value`` (fp32) rounded to out's dtype with the bits of (seed, name, step); returns ``out``.
+
+    Bit-identical to ``stochastic_round_ref`` on every backend (element order: row-major over the
+    shape). fp32 ``out`` is a plain copy. ``auto``: C++ on CPU (torch reference when the extension
+    is not built), Triton on CUDA; an explicit backend that is unavailable raises RuntimeError.
+    """
+    if not isinstance(out, torch.Tensor) or out.dtype not in DTYPES:
+        raise ValueError(f"out must be a tensor of dtype {DTYPES}")
+    if not isinstance(value, torch.Tensor) or value.shape != out.shape:
+        raise ValueError(f"value must be a tensor of out's shape {tuple(out.shape)}")
+    chosen = _resolve(backend, out)
+    if out.dtype == torch.float32:
+        return out.copy_(value)
+    if out.numel() == 0:
+        return out
+    if chosen == "reference":
+        return out.copy_(stochastic_round_ref(value, out.dtype, seed, name, step))
+    if chosen == "cpp":
+        fn = getattr(_backend.extension(), "stochastic_round", None)
+        if fn is None:
+            raise RuntimeError("backend 'cpp' needs fastes._C built with stochastic_round")
+        if out.device.type != "cpu":
+            raise ValueError(f"out must be a CPU tensor for backend 'cpp', got device {out.device}")
+    elif triton is None:
+        raise RuntimeError("the Triton backend is unavailable")
+    elif not out.is_cuda and not _backend.triton_interpreted():
+        raise ValueError("out must be a CUDA tensor for backend 'triton' (or set TRITON_INTERPRET=1)")
+    src = value.detach().to(device=out.device, dtype=torch.float32).contiguous()
+    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    if chosen == "cpp":
+        fn(src, dst, seed, sr_tensor_id(name), step)
+    else:
+        _round_triton(src, dst, seed, name, step)
+    if dst is not out:
+        out.copy_(dst)
+    return out
