@@ -11,7 +11,7 @@ test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(PYTHON) -m fastes.demo
+	$(PYTHON) -m fastes train
 
 lint:
 	$(PYTHON) -m ruff check fastes tests bench scripts
