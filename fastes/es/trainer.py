@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -382,6 +383,9 @@ class Trainer:
                 record: dict[str, Any] = {"step": step}
                 if self._eval_due(step):
                     record.update(self.evaluate())
+                    if step == self.start_step and self.is_main and "eval/accuracy" in record:
+                        print(f"held-out accuracy before training (step {step}): {record['eval/accuracy']:.3f}",
+                              file=sys.stderr, flush=True)
                 record.update(self.train_step(step))
                 if self.dist is not None:  # fault hooks, and the checksum guard when due, after this update
                     record.update(self.dist.after_step(self.engine, self.es, step + 1))
@@ -391,7 +395,11 @@ class Trainer:
                     self.save(step)
                     saved = step
             if step == cfg.steps and self.eval_set:
-                logger.log({"step": step, **self.evaluate()})
+                final = self.evaluate()
+                logger.log({"step": step, **final})
+                if self.is_main and "eval/accuracy" in final:
+                    print(f"held-out accuracy after training (step {step}): {final['eval/accuracy']:.3f}",
+                          file=sys.stderr, flush=True)
             if step != saved:
                 self.save(step)
         finally:
