@@ -143,3 +143,21 @@ def test_tied_checkpoint_may_carry_lm_head(tmp_path):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         Tokenizer(_write(tmp_path / "m"))
+
+
+def test_tokenizer_larger_than_the_vocab_is_one_clear_error(tmp_path):
+    """A tokenizer whose ids exceed the model's vocab would index past the embedding: refuse it up front."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from fastes import Engine
+
+    demo = Path(__file__).resolve().parent.parent / "fastes" / "data" / "demo-model"
+    model_dir = tmp_path / "model"
+    shutil.copytree(demo, model_dir)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")).save(
+        str(model_dir / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model's config.json says vocab_size 32") as err:
+        Engine.from_pretrained(model_dir, kv_cache_tokens=256)
+    assert "\n" not in str(err.value)

@@ -39,6 +39,9 @@ class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, kv_cache_tokens: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, backend: str = "auto") -> None:
+        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer in {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the "
+                             f"model's config.json says vocab_size {model.config.vocab_size}: they do not match")
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.device
