@@ -36,17 +36,13 @@ def declared_devices(path: Path) -> tuple[str, ...] | None:
     return None
 
 
-def current_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="passed through to every benchmark")
     parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmarks")
     args = parser.parse_args(argv)
+    from bench.common import current_device  # lazily: it imports torch
+
     device = current_device()
     status: dict[str, str] = {}
     for name in args.only or MODULES:

@@ -12,16 +12,13 @@ commit and raw timings to bench/results/. CPU: a tiny interpreter smoke only; it
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
-import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import device_name, git_commit, write_result
+
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 2, 128, 16
 NOMINAL_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
 
@@ -56,15 +53,6 @@ def causal_flops(q_lens: list[int], seq_lens: list[int]) -> float:
     return 4.0 * Q_HEADS * HEAD_DIM * pairs
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def smoke_cpu() -> None:
     """Run both kernels once under the interpreter against the reference; report no timings."""
     os.environ["TRITON_INTERPRET"] = "1"  # before fastes.ops.attention_triton defines its kernels
@@ -97,7 +85,7 @@ def bench_gpu(quick: bool) -> dict[str, object]:
     from fastes.ops.attention_triton import default_num_splits, paged_attention_triton
 
     dtype, gen = torch.bfloat16, torch.Generator().manual_seed(0)
-    name = torch.cuda.get_device_name()
+    name = device_name("cuda")
     bw = copy_bandwidth(do_bench)
     nominal = next((v for k, v in NOMINAL_BW.items() if k in name), None)
     print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s (nominal {nominal and nominal / 1e12} TB/s)")
@@ -131,7 +119,7 @@ def bench_gpu(quick: bool) -> dict[str, object]:
         ratio = f"{row['sdpa_ms'] / ms:.2f}× SDPA speed" if row["sdpa_ms"] else "SDPA n/a"
         print(f"prefill B={batch} q={q_len} ctx={ctx}: {ms:.3f} ms  {row['tflops']:.0f} TFLOP/s  {ratio}")
         del case
-    return dict(device=name, torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(),
+    return dict(device=name, torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(dirty=False),
                 copy_bandwidth_bytes_per_s=bw, nominal_bandwidth_bytes_per_s=nominal,
                 shape=dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK, dtype=str(dtype)),
                 quick=quick, timings=rows)
@@ -162,11 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         smoke_cpu()
         return
     result = bench_gpu(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower()
-    path = RESULTS / f"attention_{slug}_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('attention', result, str(result['device']))}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import statistics
@@ -35,19 +34,10 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from bench.common import ROOT, device_name, git_commit, timed, write_result
+
 DEMO = ROOT / "fastes" / "data" / "demo-model"
 RUNS = {"1proc-1thread": (1, 1), "1proc-2threads": (1, 2), "2proc-1thread": (2, 1)}
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def model_and_task(tmp: Path) -> tuple[Path, dict]:
@@ -56,9 +46,9 @@ def model_and_task(tmp: Path) -> tuple[Path, dict]:
         options = {"digits": 3, "op": "add", "template": "{a}+{b}=", "num_train": 2000, "num_eval": 50}
         return DEMO, {"task": "arithmetic", "task_options": options}
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_model import make_tiny_model
+    from tiny_model import DIGIT_TASK, make_tiny_model
 
-    return make_tiny_model(tmp / "tiny", seed=0), {"task": f"{ROOT / 'tests' / 'tiny_model.py'}:DigitTask"}
+    return make_tiny_model(tmp / "tiny", seed=0), {"task": DIGIT_TASK}
 
 
 def run(name: str, config: Path, out: Path) -> dict:
@@ -91,17 +81,9 @@ def checksum_cost(elements: int, reps: int) -> dict:
     t = torch.randn(elements)
     gb = t.numel() * t.element_size() / 1e9
 
-    def best(fn: object) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()  # type: ignore[operator]
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    cost = {"bitsum_int64": best(lambda: tensor_checksum(t)),
-            "float64_sum": best(lambda: t.sum(dtype=torch.float64)),
-            "blake2b_bytes": best(lambda: hashlib.blake2b(t.numpy().tobytes()).digest())}
+    cost = {"bitsum_int64": min(timed(lambda: tensor_checksum(t), reps)),
+            "float64_sum": min(timed(lambda: t.sum(dtype=torch.float64), reps)),
+            "blake2b_bytes": min(timed(lambda: hashlib.blake2b(t.numpy().tobytes()).digest(), reps))}
     return {"elements": elements, "gb": gb, "s": cost, "gb_per_s": {k: gb / v for k, v in cost.items()}}
 
 
@@ -132,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = med[base] - gen[base]  # score + update (+ gathers): every rank does it in full, whatever G
     projected = {g: gen[base] / g + rest for g in (1, 2, 4, 8)}
     report = {
-        "benchmark": "distributed", "device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "benchmark": "distributed", "device": device_name("cpu"), "cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "git_commit": git_commit(), "quick": args.quick, "model": str(model), "config": config,
         "runs": results, "median_step_s": med, "median_generate_s": gen,
@@ -141,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "traffic_per_step": f"{size} float64 fitnesses (+ the rewards for metrics) per step; "
                             "a checksum of one int64 per tensor every check_every steps",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"distributed-{platform.machine().replace('_', '-')}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_result("distributed", report, platform.machine())
 
     print(f"\nmodel {model.name}, population {size}, {prompts} prompts/step, {steps} steps (first is warm-up)")
     for name in RUNS:

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import current_device, device_name, git_commit, timed, versions, write_result
+
 QWEN_COMMON = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                    tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
 MODELS = {
@@ -52,47 +49,6 @@ MODELS = {
 MODES = {"lowrank": dict(mode="lowrank", rank=1, noise="gaussian"), "full-gaussian": dict(mode="full"),
          "full-rademacher": dict(mode="full", noise="rademacher")}
 SIGMA, SEED, STEP = 1e-3, 0, 0
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def versions() -> dict[str, str | None]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except Exception:  # noqa: BLE001 - report, never fail, on a broken Triton
-        triton_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-            "python": platform.python_version()}
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine() or "cpu")
-
-
-def timed(fn: Callable[[], object], device: str, reps: int) -> list[float]:
-    """Wall-clock seconds of ``reps`` calls (the caller warmed up); CUDA synchronized around each."""
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def build_model(name: str, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -154,15 +110,15 @@ def bench_model(name: str, device: str, dtype: torch.dtype, members: int, per_me
         engine.generate(prompt_lists, warm, population=pop, step=STEP)
     times: dict[str, list[float]] = {}
     for case, fn in cases.items():
-        times[case] = timed(fn, device, reps)
+        times[case] = timed(fn, reps, device)
         print(f"  {case:28s} {tokens / statistics.median(times[case]):10.1f} tok/s", flush=True)
     out = engine.generate(prompt_lists, params, population=pops["lowrank"], step=STEP)
     assert all(len(c.token_ids) == max_tokens for per_prompt in out for s in per_prompt for c in s)
 
     loop_prompts = prompts.to(device)
     hf_loop(engine, hf, pops["full-gaussian"], loop_prompts, 2)  # warm-up
-    times["hf_loop"] = timed(lambda: hf_loop(engine, hf, pops["full-gaussian"], loop_prompts, max_tokens), device,
-                             loop_reps)
+    times["hf_loop"] = timed(lambda: hf_loop(engine, hf, pops["full-gaussian"], loop_prompts, max_tokens), loop_reps,
+                             device)
     print(f"  {'hf_loop (full-gaussian)':28s} {tokens / statistics.median(times['hf_loop']):10.1f} tok/s", flush=True)
 
     tps = {case: tokens / statistics.median(ts) for case, ts in times.items()}
@@ -177,7 +133,7 @@ def bench_model(name: str, device: str, dtype: torch.dtype, members: int, per_me
 
 
 def run(quick: bool) -> dict[str, object]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = current_device()
     if device == "cuda":
         dtype, members, per_member, prompt_len, max_tokens = torch.bfloat16, 32, 8, 32, 64
         names = ["qwen2.5-0.5b-shape"] if quick else ["qwen2.5-0.5b-shape", "qwen2.5-1.5b-shape"]
@@ -216,11 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
     result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in str(result["device"])).strip("-").lower()
-    path = RESULTS / f"generate-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('generate', result, str(result['device']))}")
 
 
 if __name__ == "__main__":

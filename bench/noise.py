@@ -25,51 +25,18 @@ Two numbers (H100 SXM: ~3.3 TB/s HBM, ~60 TFLOP/s fp32 on CUDA cores, int32 ops 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from bench.common import current_device, device_name, git_commit, time_cpu, time_gpu, triton_version, write_result
 from fastes import _backend
 from fastes.noise import tensor_id
 from fastes.ops import noise as ops
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SEED, STEP, INDEX = 2**64 - 1, 3, 7
 TID = tensor_id("model.layers.0.mlp.up_proj.weight")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_cpu(fn: Callable[[], object], reps: int) -> list[float]:
-    """Wall-clock milliseconds of ``reps`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def time_gpu(fn: Callable[[], object]) -> list[float]:
-    """Milliseconds per call from triton.testing.do_bench (CUDA events, L2 flushed between calls)."""
-    from triton.testing import do_bench
-
-    return [float(t) for t in do_bench(fn, return_mode="all")]
 
 
 def cases(device: str, n: int) -> list[tuple[str, str, Callable[[], object]]]:
@@ -113,14 +80,8 @@ def check_once(device: str) -> None:
                 raise SystemExit(f"{device} {kind} backend {backend!r} disagrees with the reference: max |err| = {err}")
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def run(quick: bool) -> dict[str, object]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = current_device()
     check_once(device)
     if device == "cuda":
         n = 2**24 if quick else 2**26
@@ -142,21 +103,15 @@ def run(quick: bool) -> dict[str, object]:
         ratio = (floor_ms / ms) if floor_ms else float("nan")
         print(f"{backend:28s} {kind:11s} {ms:9.4f} {mvals:10.1f} {4e-3 * mvals:8.2f} {ratio:9.2f}")
         rows.append(dict(backend=backend, kind=kind, n=n, median_ms=ms, values_per_s=mvals * 1e6, times_ms=times))
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - report, never fail, on a broken Triton
-        triton_version = None
     return dict(
         bench="noise",
         device=device_name(device),
         device_type=device,
         torch=torch.__version__,
-        triton=triton_version,
+        triton=triton_version(),
         extension=_backend.extension() is not None,
         extension_cuda=_backend.extension_has_cuda(),
-        git_commit=git_commit(),
+        git_commit=git_commit(dirty=False),
         quick=quick,
         threads=torch.get_num_threads(),
         timings=rows,
@@ -168,11 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     args = parser.parse_args(argv)
     result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in str(result["device"])).strip("-").lower()
-    path = RESULTS / f"noise-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('noise', result, str(result['device']))}")
 
 
 if __name__ == "__main__":

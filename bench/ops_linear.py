@@ -20,20 +20,15 @@ Writes JSON (device, versions, git commit, raw timings) to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from bench.common import device_name, git_commit, time_cpu, time_gpu, triton_version, write_result
 from fastes.noise import NoiseSpec
 from fastes.ops.perturbed_linear import perturbed_linear
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(1536, 1536), (8960, 1536), (1536, 8960)]
 NAME = "model.layers.0.mlp.up_proj.weight"
 # H100 SXM figures of the cost model: HBM bytes/s, dense bf16 FLOP/s, CUDA-core ops/s, ops per value.
@@ -54,35 +49,6 @@ def predicted_us(variant: str, out_f: int, in_f: int, n: int, rows: int, rank: i
     kind = variant.split("-")[1]
     dots = 2 * (n + t // bm) * bm * out_f * in_f / TC  # one masked dot per run and tile
     return (base + dots + n * out_f * in_f * OPS[kind] / CORE) * 1e6
-
-
-def git_commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_cpu(fn: Callable[[], object], min_reps: int, budget_s: float) -> list[float]:
-    """Wall-clock milliseconds per call after one warm-up: at least ``min_reps`` calls, more (up to 100)
-    while under ``budget_s``, so that fast calls get enough samples for a stable median on a busy host."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 100):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def time_gpu(fn: Callable[[], object]) -> list[float]:
-    """Milliseconds per call (triton.testing.do_bench: CUDA events, L2 flushed between calls)."""
-    from triton.testing import do_bench
-
-    return [float(v) for v in do_bench(fn, return_mode="all")]
 
 
 def variants(x: torch.Tensor, w: torch.Tensor, rm: torch.Tensor, gpu: bool) -> dict[str, Callable[[], object]]:
@@ -112,7 +78,7 @@ def run(quick: bool) -> dict[str, object]:
     div = 1 if gpu else (16 if quick else 8)
     pops = [8, 32] if quick else [8, 32, 128]
     per_member = [1, 16] if quick else [1, 16, 64]
-    timer = time_gpu if gpu else (lambda fn: time_cpu(fn, 3 if quick else 5, 0.5 if quick else 2.0))
+    timer = time_gpu if gpu else (lambda fn: time_cpu(fn, 3 if quick else 5, budget_s=0.5 if quick else 2.0))
     gen = torch.Generator().manual_seed(0)
     rows_out = []
     names = ["lowrank", "lowrank-cublas", "plain", "full-gaussian", "full-rademacher"]
@@ -139,20 +105,8 @@ def run(quick: bool) -> dict[str, object]:
                                      predicted_h100_us={v: predicted_us(v, out_f, in_f, n, r) for v in med},
                                      times_ms=times))
     return dict(bench="ops_linear", device=device_name(device), device_type=device, dtype=str(dtype),
-                torch=torch.__version__, triton=triton_version(), git_commit=git_commit(), quick=quick,
+                torch=torch.__version__, triton=triton_version(), git_commit=git_commit(dirty=False), quick=quick,
                 threads=torch.get_num_threads(), sigma=1e-3, rank=1, timings=rows_out)
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine() or "cpu")
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except Exception:  # noqa: BLE001 - report, never fail, on a broken Triton
-        return None
-    return triton.__version__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,11 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in str(result["device"])).strip("-").lower()
-    path = RESULTS / f"ops_linear-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('ops_linear', result, str(result['device']))}")
 
 
 if __name__ == "__main__":

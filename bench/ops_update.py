@@ -22,10 +22,8 @@ issued lane-instructions with the default "tf32x3" GEMM (0.80e9 with "ieee"). Pr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from functools import partial
@@ -33,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from bench.common import device_name, git_commit, time_cpu, time_gpu, triton_version, write_result
 from fastes.noise import NoiseSpec, tensor_id
 from fastes.ops.es_update import es_update, fold_coefficients
 from fastes.ops.noise import noise_fill
 from fastes.ops.stochastic_round import stochastic_round, stochastic_round_ref
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # Qwen2.5-1.5B: hidden 1536, intermediate 8960, 2 KV heads of 128, vocab 151936.
 SHAPES = {"q_proj/o_proj": (1536, 1536), "k_proj/v_proj": (256, 1536), "gate/up_proj": (8960, 1536),
           "down_proj": (1536, 8960), "embed/lm_head": (151936, 1536)}
@@ -50,50 +48,15 @@ VARIANTS = [{"block_m": 64, "block_n": 128, "precision": "ieee"}, {"block_m": 32
             {"block_m": 64, "block_n": 128, "num_warps": 4}]
 
 
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _environment(device: str) -> dict[str, object]:
     env: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "platform": platform.platform(), "git_commit": _git_commit()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+                              "platform": platform.platform(), "git_commit": git_commit(),
+                              "triton": triton_version(), "device": device_name(device)}
     if device == "cuda":
-        env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
     else:
-        env["device"] = platform.processor() or platform.machine()
         env["cpu_threads"] = torch.get_num_threads()
     return env
-
-
-def _gpu_times(fn: Callable[[], None]) -> list[float]:
-    """All do_bench samples (ms) of ``fn``."""
-    from triton.testing import do_bench
-
-    times = do_bench(fn, warmup=25, rep=100, return_mode="all")
-    return [float(t) for t in times]
-
-
-def _cpu_times(fn: Callable[[], None], repeats: int) -> list[float]:
-    fn()  # warm-up (first-call allocations)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _case(shape: tuple[int, int], dtype: torch.dtype, mode: str, members: int, device: str, repeats: int,
@@ -110,12 +73,12 @@ def _case(shape: tuple[int, int], dtype: torch.dtype, mode: str, members: int, d
 
         launch = plan_es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight", **(variant or {}))
         row["variant"] = variant or "default"
-        row["kernel_ms_all"] = _gpu_times(launch)
+        row["kernel_ms_all"] = time_gpu(launch)
         if variant is None:  # the whole op once per case: host folding + upload + launch
-            row["op_ms_all"] = _gpu_times(lambda: es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight"))
+            row["op_ms_all"] = time_gpu(lambda: es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight"))
         ms = statistics.median(row["kernel_ms_all"])
     else:
-        row["op_ms_all"] = _cpu_times(
+        row["op_ms_all"] = time_cpu(
             lambda: es_update(weight, spec, coeffs, 1e-3, 1.0, mode, 1, "bench.weight", backend="cpu"), repeats)
         ms = statistics.median(row["op_ms_all"])
     row["median_ms"] = ms
@@ -162,7 +125,7 @@ def cpu_update_comparison(repeats: int = 5) -> list[dict[str, object]]:
                 times: dict[str, list[float]] = {path: [] for path in paths}
                 for _ in range(repeats):  # round-robin, so load from other processes hits every path alike
                     for path, fn in paths.items():
-                        times[path].extend(_cpu_times(fn, 1))
+                        times[path].extend(time_cpu(fn, 1))
                 for path, ms_all in times.items():
                     row[f"{path}_ms_all"] = ms_all
                     row[f"{path}_values_per_s"] = values / (statistics.median(ms_all) * 1e-3)
@@ -181,7 +144,7 @@ def _copy_bandwidth(numel: int, dtype: torch.dtype) -> float:
     """GB/s of a device-to-device copy (read + write) of ``numel`` elements: the roofline we compare to."""
     src = torch.empty(numel, dtype=dtype, device="cuda")
     dst = torch.empty_like(src)
-    ms = statistics.median(_gpu_times(lambda: dst.copy_(src)))
+    ms = statistics.median(time_gpu(lambda: dst.copy_(src)))
     return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -244,12 +207,7 @@ def main() -> None:
                         help="only the one-core comparison of the fused C++ update with the unfused torch path")
     args = parser.parse_args()
     result = run(args.quick, args.cpu_update)
-    name = str(result["environment"]["device"]) or "cpu"
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    out = args.out or RESULTS / f"ops_update-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_result('ops_update', result, str(result['environment']['device']), args.out)}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def require_triton(t: torch.Tensor, arg: str, import_error: Exception | None) -> None:
+    """Raise unless a Triton kernel can run on ``t``: RuntimeError when Triton could not be imported
+    (``import_error``, None when it could), ValueError for a CPU tensor without ``TRITON_INTERPRET=1``."""
+    if import_error is not None:
+        raise RuntimeError(f"the Triton backend is unavailable: {import_error}")
+    if t.device.type != "cuda" and not triton_interpreted():
+        raise ValueError(f"{arg} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
+
+
 def extension_has_cuda() -> bool:
     ext = extension()
     return bool(ext is not None and getattr(ext, "has_cuda", lambda: False)())

@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-EXIT_BAD_INPUT = 2
+from fastes._cliutil import EXIT_BAD_INPUT, BadInput, OneLineParser, parse_options, run_command
+
 TRAIN_HELP = """\
 Every config key can be overridden: --key value for top-level keys (--model DIR, --task NAME, --steps N,
 --out DIR, --resume DIR, --seed N), --section.key value for sections (--population.size 32, --optim.lr 1e-3,
@@ -21,21 +22,11 @@ Every config key can be overridden: --key value for top-level keys (--model DIR,
 Task options: --task_options.NAME value. Without --config, the bundled demo (configs/demo.yaml) runs."""
 
 
-class BadInput(Exception):
-    """A user mistake: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage dump) and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise BadInput(message)
-
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="fastes", description="Evolution Strategies fine-tuning of LLMs at the cost of batched "
-                     "inference.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,bench,analyze}", parser_class=_Parser)
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="fastes", description="Evolution Strategies fine-tuning of LLMs at the cost of "
+                           "batched inference.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,bench,analyze}",
+                                parser_class=OneLineParser)
     train = sub.add_parser("train", help="run ES training from a YAML config", epilog=TRAIN_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     train.add_argument("--config", help="YAML config (default: the bundled demo)")
@@ -75,30 +66,28 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
     try:
-        if argv[:1] == ["train"]:
-            args, overrides = parser.parse_known_args(argv)
-            return _train(args, overrides)
-        if argv[:1] == ["analyze"]:
-            from fastes.analysis import cli as analysis_cli
-
-            return analysis_cli.main(argv[1:])
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return {"eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
-    except (BadInput, ValueError, FileNotFoundError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"fastes: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("fastes: interrupted", file=sys.stderr)
-        return 130
+        return run_command("fastes", lambda: _run(argv))
     except BrokenPipeError:  # `fastes ... | head`: the reader left; say nothing more
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout must stay a file until exit
         return 0
+
+
+def _run(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; bad input raises (``main`` reports it)."""
+    parser = _parser()
+    if argv[:1] == ["train"]:
+        args, overrides = parser.parse_known_args(argv)
+        return _train(args, overrides)
+    if argv[:1] == ["analyze"]:
+        from fastes.analysis import cli as analysis_cli
+
+        return analysis_cli.main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return {"eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
 
 
 # ---------------------------------------------------------------------- train
@@ -197,25 +186,13 @@ def _load_engine(model: str, dtype: str, device: str) -> Any:
     return engine
 
 
-def _task_options(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise BadInput(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def _eval(args: argparse.Namespace) -> int:
     from fastes.engine.sampling import SamplingParams
     from fastes.es.trainer import evaluate, resolve_task
 
     if args.size < 1 or args.max_tokens < 1:
         raise BadInput("--size and --max-tokens must be >= 1")
-    task = resolve_task(args.task, _task_options(args.option))
+    task = resolve_task(args.task, parse_options(args.option))
     examples = list(task.eval_examples())[: args.size]
     if not examples:
         raise BadInput(f"task {args.task!r} has no held-out examples")

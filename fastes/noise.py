@@ -60,6 +60,7 @@ SEED_LIMIT = 1 << 64
 SR_NOISE_INDEX = 0xFFFFFFFF
 SR_PREFIX = "stochastic-rounding/"
 VALUES_PER_BLOCK = {"gaussian": 4, "rademacher": 128}
+KIND_INT = {"gaussian": 0, "rademacher": 1}  # the kind ids of the Triton kernels and of the C++ kind_int
 TWO_PI = 6.283185307179586
 
 
@@ -130,6 +131,12 @@ def member_noise(member: int, antithetic: bool) -> tuple[int, int]:
 def split_seed(seed: int) -> tuple[int, int]:
     seed = check_seed(seed)
     return seed & MASK32, seed >> 32
+
+
+def as_i32(value: int) -> int:
+    """uint32 → the int32 with the same bits: kernels take counter words as int32, so that one compiled
+    kernel serves every seed, tensor id and step."""
+    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 @dataclass(frozen=True)

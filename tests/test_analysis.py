@@ -23,15 +23,7 @@ from fastes.es.tasks.base import Example
 from fastes.models import load_model, save_pretrained
 
 LETTERS = "abcdefghijklm"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """2 shared cores: one thread keeps these tests from starving everyone else's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _edited(base: Path, out: Path, edits: dict[str, torch.Tensor]) -> Path:

@@ -7,24 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from tiny_model import make_tiny_model
+from tiny_model import DIGIT_TASK, make_tiny_model
 
 from fastes import cli
 from fastes.es.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
-TASK = f"{Path(__file__).resolve().parent / 'tiny_model.py'}:DigitTask"
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "demo.yaml")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def config_file(model_dir: Path, tmp_path: Path) -> Path:
-    data = {"model": str(model_dir), "task": TASK, "out": str(tmp_path / "run"), "device": "cpu", "steps": 2,
+    data = {"model": str(model_dir), "task": DIGIT_TASK, "out": str(tmp_path / "run"), "device": "cpu", "steps": 2,
             "prompts_per_step": 2, "eval_size": 2, "eval_every": 1, "progress": False, "tensorboard": False,
             "kv_cache_tokens": 2048,
             "population": {"size": 4, "sigma": 0.1, "perturb_lm_head": True}, "optim": {"lr": 0.05},
@@ -134,7 +125,7 @@ def test_train_resume_generate_eval_end_to_end(config_file, tmp_path, capsys):
     model = str(run / "checkpoints" / "step-3")
     assert cli.main(["generate", "--model", model, "--prompt", "12+", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() != ""
-    assert cli.main(["eval", "--model", model, "--task", TASK, "--size", "2", "--max-tokens", "4"]) == 0
+    assert cli.main(["eval", "--model", model, "--task", DIGIT_TASK, "--size", "2", "--max-tokens", "4"]) == 0
     assert "accuracy" in capsys.readouterr().out
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_model import make_tiny_model
+from tiny_model import DIGIT_TASK, make_tiny_model
 
 from fastes.es import checkpoint as ckpt
 from fastes.es.config import TrainConfig
@@ -25,16 +25,8 @@ from fastes.es.logger import read_metrics
 from fastes.es.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = f"{Path(__file__).resolve().parent / 'tiny_model.py'}:DigitTask"
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 members (4 antithetic pairs) on 4 prompts, eval split over ranks, a checksum check after every step."""
     root = tmp_path_factory.mktemp("dist")
     model = make_tiny_model(root / "tiny", seed=0)
-    data = dict(model=str(model), task=TASK, device="cpu", steps=STEPS, seed=0, prompts_per_step=4, eval_every=2,
+    data = dict(model=str(model), task=DIGIT_TASK, device="cpu", steps=STEPS, seed=0, prompts_per_step=4, eval_every=2,
                 eval_size=4, progress=False, tensorboard=False, kv_cache_tokens=4096,
                 population=dict(size=8, mode="lowrank", rank=2, sigma=0.1, perturb_lm_head=True),
                 optim=dict(name="momentum", lr=0.05), sampling=dict(max_tokens=6, temperature=0.0),

@@ -13,16 +13,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from oracle import check_chunked_prefill_then_decode, hf_logits, packed_prefill, random_ids
+from tiny_model import hf_model, randomize_
 
 from fastes import Engine, Population, SamplingParams
-from fastes.engine.attention_batch import build_attention_batch
-from fastes.engine.block_manager import BlockManager
-from fastes.engine.kv_cache import KVCache
-from fastes.models import CausalLM, ModelConfig, Perturbation, load_model, save_pretrained
+from fastes.models import ModelConfig, Perturbation, load_model, save_pretrained
 from fastes.models.decoder import _Rows, rms_norm
 from fastes.models.presets import PRESETS, preset_config, write_random_model
 from fastes.models.rope import inv_freq
@@ -43,31 +43,14 @@ VARIANTS = {
     "capped": dict(tie_word_embeddings=False, attention_bias=True, final_logit_softcapping=3.0,
                    rope_scaling=None, layer_types=["full_attention", "sliding_attention"] * 2),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a loaded 2-core box: intra-op threads only add wake-up latency."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.2 * torch.randn_like(p))  # 1 + w around 1
-            else:
-                p.normal_(0.0, 0.15 if p.dim() == 2 else 0.1)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_prefill = partial(packed_prefill, block=BLOCK, pool_factor=1)  # a tight pool: tokens / BLOCK + 2 per sequence
 
 
 def _build(path: Path, seed: int, **overrides: object) -> torch.nn.Module:
-    config = transformers.Gemma3TextConfig(**{**TEXT, **overrides})
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    _randomize(hf, seed)
+    hf = hf_model(transformers.Gemma3TextConfig(**{**TEXT, **overrides}))
+    torch.manual_seed(seed)  # after the init, before the redraw
+    randomize_(hf, norm=0.0)  # Gemma's norms compute 1 + w: w around 0
     hf.save_pretrained(str(path))
     return hf
 
@@ -76,31 +59,6 @@ def _build(path: Path, seed: int, **overrides: object) -> torch.nn.Module:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, torch.nn.Module]]:
     root = tmp_path_factory.mktemp("gemma3")
     return {name: (root / name, _build(root / name, i, **kw)) for i, (name, kw) in enumerate(VARIANTS.items())}
-
-
-def _seqs(seed: int, lengths: list[int]) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g) for n in lengths]
-
-
-def _hf_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(ids.unsqueeze(0)).logits[0].float()
-
-
-def _packed_prefill(model: CausalLM, seqs: list[torch.Tensor], members: list[int] | None = None,
-                    pert: Perturbation | None = None) -> list[torch.Tensor]:
-    """All sequences in one forward through a fresh paged cache; per-sequence logits of every row."""
-    total = sum(len(s) for s in seqs)
-    bm = BlockManager(total // BLOCK + 2 * len(seqs), BLOCK)
-    cache = KVCache.for_model(model.config, bm.num_blocks, BLOCK)
-    members = members or [-1] * len(seqs)
-    for i, s in enumerate(seqs):
-        bm.allocate(i, members[i], len(s))
-    attn, positions = build_attention_batch(bm, [(i, 0, len(s)) for i, s in enumerate(seqs)])
-    row_member = torch.cat([torch.full((len(s),), m, dtype=torch.int64) for s, m in zip(seqs, members, strict=True)])
-    logits = model.forward(torch.cat(seqs), positions, attn, cache, row_member if pert else None, pert)
-    return list(logits.split([len(s) for s in seqs]))
 
 
 # --------------------------------------------------------------------------- config and pieces
@@ -154,7 +112,7 @@ def test_bf16_embedding_scale_and_norm_match_transformers(checkpoints):
     path, hf = checkpoints["tied"]
     model = load_model(path, dtype=torch.bfloat16)
     hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    ids = _seqs(0, [16])[0]
+    ids = random_ids(0, [16])[0]
     with torch.no_grad():
         want = hf16.model.embed_tokens(ids)
         assert torch.equal(model._embed(ids, _Rows(None), None), want)
@@ -170,15 +128,15 @@ def test_bf16_embedding_scale_and_norm_match_transformers(checkpoints):
 def test_packed_prefill_matches_transformers(checkpoints, variant):
     path, hf = checkpoints[variant]
     model = load_model(path)
-    seqs = _seqs(1, [12, 3, 17, 20])
-    got = _packed_prefill(model, seqs)
+    seqs = random_ids(1, [12, 3, 17, 20])
+    got = _prefill(model, seqs)
     for logits, ids in zip(got, seqs, strict=True):
         assert torch.isfinite(logits).all()
-        torch.testing.assert_close(logits, _hf_logits(hf, ids), atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits, hf_logits(hf, ids), atol=ATOL, rtol=0)
     # the window matters: with it wider than the sequence, rows past the window differ far beyond the tolerance
     wide = tuple(None if w is None else 1000 for w in model.config.sliding_windows)
     model.config = dataclasses.replace(model.config, sliding_windows=wide)
-    unwindowed = _packed_prefill(model, seqs[3:])[0]
+    unwindowed = _prefill(model, seqs[3:])[0]
     assert (unwindowed[WINDOW:] - got[3][WINDOW:]).abs().max() > 100 * ATOL
     torch.testing.assert_close(unwindowed[:WINDOW], got[3][:WINDOW], atol=1e-5, rtol=0)
 
@@ -187,31 +145,8 @@ def test_chunked_prefill_then_decode_matches_transformers(checkpoints):
     """Prefill chunks and one-token decode steps of several sequences share each forward."""
     path, hf = checkpoints["tied"]
     model = load_model(path)
-    seqs = _seqs(2, [18, 13, 16])
-    prompt_lens, chunk = [7, 3, 9], 3
-    want = [_hf_logits(hf, s) for s in seqs]
-    bm = BlockManager(32, BLOCK)
-    cache = KVCache.for_model(model.config, 32, BLOCK)
-    done = [0] * len(seqs)
-    for i, n in enumerate(prompt_lens):
-        bm.allocate(i, -1, n)
-    while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
-        chunks = []
-        for i, s in enumerate(seqs):
-            if done[i] >= len(s):
-                continue
-            if done[i] < prompt_lens[i]:
-                end = min(done[i] + chunk, prompt_lens[i])
-            else:  # decode: teacher-forced next token
-                bm.append_slot(i)
-                end = done[i] + 1
-            chunks.append((i, done[i], end))
-        attn, positions = build_attention_batch(bm, chunks)
-        logits = model.forward(torch.cat([seqs[i][a:b] for i, a, b in chunks]), positions, attn, cache)
-        for (i, a, b), got in zip(chunks, logits.split([b - a for _, a, b in chunks]), strict=True):
-            torch.testing.assert_close(got, want[i][a:b], atol=ATOL, rtol=0)
-            done[i] = b
-    bm.check()
+    check_chunked_prefill_then_decode(model, hf, random_ids(2, [18, 13, 16]), prompt_lens=[7, 3, 9], chunk=3,
+                                      num_blocks=32, block=BLOCK, atol=ATOL)
 
 
 # --------------------------------------------------------------------------- generation and perturbed members
@@ -267,15 +202,15 @@ def test_perturbed_members_match_transformers(checkpoints, variant, kwargs):
     names = engine.perturbed_names(pop)
     assert any("layernorm" in n for n in names) and any("q_norm" in n for n in names)
     pert = Perturbation.for_model(engine.model, pop, step)
-    seqs = _seqs(3, [12, 6, 14, 9])
+    seqs = random_ids(3, [12, 6, 14, 9])
     members = [0, 3, -1, 3]
-    got = _packed_prefill(engine.model, seqs, members, pert)
+    got = _prefill(engine.model, seqs, members, pert)
     oracles = {m: hf if m < 0 else _oracle(engine, hf, pop, m, step) for m in set(members)}
     for i, m in enumerate(members):
-        want = _hf_logits(oracles[m], seqs[i])
+        want = hf_logits(oracles[m], seqs[i])
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=0)
         if m >= 0:  # the perturbation must be far above the tolerance for the check to mean anything
-            assert (want - _hf_logits(hf, seqs[i])).abs().max() > 100 * ATOL
+            assert (want - hf_logits(hf, seqs[i])).abs().max() > 100 * ATOL
     outs = engine.generate(PROMPTS[:2], GREEDY, population=pop, step=step)
     for prompt, (done,) in zip(PROMPTS[:2], outs[3], strict=True):
         assert done.token_ids == _hf_greedy(oracles[3], prompt, 12)
@@ -304,9 +239,9 @@ def test_multimodal_checkpoint_loads_its_text_part(checkpoints, tmp_path):
     reference = load_model(path)
     assert model.params.keys() == reference.params.keys()
     assert all(torch.equal(model.params[n], reference.params[n]) for n in model.params)
-    ids = _seqs(4, [15])[0]
-    got = _packed_prefill(model, [ids])[0]
-    torch.testing.assert_close(got, _hf_logits(mm, ids), atol=ATOL, rtol=0)
+    ids = random_ids(4, [15])[0]
+    got = _prefill(model, [ids])[0]
+    torch.testing.assert_close(got, hf_logits(mm, ids), atol=ATOL, rtol=0)
     # saving writes a text-only Gemma3ForCausalLM directory
     out = save_pretrained(model, tmp_path / "text")
     saved = json.loads((out / "config.json").read_text())
@@ -314,7 +249,7 @@ def test_multimodal_checkpoint_loads_its_text_part(checkpoints, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                                  attn_implementation="eager").eval()
     assert type(reloaded).__name__ == "Gemma3ForCausalLM"
-    torch.testing.assert_close(_hf_logits(reloaded, ids), got, atol=ATOL, rtol=0)
+    torch.testing.assert_close(hf_logits(reloaded, ids), got, atol=ATOL, rtol=0)
 
 
 def test_hub_style_multimodal_layout_loads(checkpoints, tmp_path):
@@ -335,8 +270,8 @@ def test_hub_style_multimodal_layout_loads(checkpoints, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = load_model(tmp_path)
     assert model.config.eos_token_ids == (256, 7) and model.config.sliding_windows == (WINDOW, WINDOW, None, WINDOW)
-    ids = _seqs(5, [14])[0]
-    torch.testing.assert_close(_packed_prefill(model, [ids])[0], _hf_logits(hf, ids), atol=ATOL, rtol=0)
+    ids = random_ids(5, [14])[0]
+    torch.testing.assert_close(_prefill(model, [ids])[0], hf_logits(hf, ids), atol=ATOL, rtol=0)
     # a multimodal config without its text part fails in one line
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "vision_config": {}}))
     with pytest.raises(ValueError, match="gemma3 config.json has no text_config object") as info:
@@ -350,8 +285,8 @@ def test_save_pretrained_round_trip(checkpoints, tmp_path, variant):
     out = save_pretrained(load_model(path), tmp_path / "saved")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                                  attn_implementation="eager").eval()
-    ids = _seqs(6, [13])[0]
-    torch.testing.assert_close(_hf_logits(reloaded, ids), _hf_logits(hf, ids), atol=1e-6, rtol=0)
+    ids = random_ids(6, [13])[0]
+    torch.testing.assert_close(hf_logits(reloaded, ids), hf_logits(hf, ids), atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- real-shape presets
@@ -370,5 +305,5 @@ def test_presets_have_the_real_shapes(tmp_path):
     out = write_random_model("gemma3-1b", tmp_path / "g", dtype=torch.float32, overrides=small)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                            attn_implementation="eager").eval()
-    ids = _seqs(7, [6])[0]
-    torch.testing.assert_close(_packed_prefill(load_model(out), [ids])[0], _hf_logits(hf, ids), atol=ATOL, rtol=0)
+    ids = random_ids(7, [6])[0]
+    torch.testing.assert_close(_prefill(load_model(out), [ids])[0], hf_logits(hf, ids), atol=ATOL, rtol=0)

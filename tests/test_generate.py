@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import char_tokenizer, random_hf_model
 
 from fastes import Engine, Population, SamplingParams
 from fastes.models.lora import merged_weight
@@ -29,40 +30,13 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
 PROMPTS = [[5, 17, 200, 3, 9], [42], [7, 7, 130, 64, 2, 250, 11, 90, 31], [100, 1, 33]]
 BLOCK = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threads only add wake-up latency."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _save_tokenizer(path: Path) -> None:
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as RawTokenizer
-
-    raw = RawTokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token=CHARS[0]))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(str(path))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(cls_name: str, path: Path, seed: int, tokenizer: bool = True, **overrides: object) -> torch.nn.Module:
-    config = getattr(transformers, cls_name)(**{**COMMON, **overrides})
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # wider than HF's init so that every weight matters and outputs vary
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15 if p.dim() == 2 else 0.1)
-    hf.save_pretrained(str(path))
+    hf = random_hf_model(getattr(transformers, cls_name)(**{**COMMON, **overrides}), seed, path)
     if tokenizer:
-        _save_tokenizer(path)
+        char_tokenizer(CHARS, CHARS[0]).save_pretrained(str(path))
     return hf
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import check_chunked_prefill_then_decode, hf_logits, packed_prefill, random_ids
+from tiny_model import random_hf_model
 
 from fastes.engine.attention_batch import build_attention_batch
 from fastes.engine.block_manager import BlockManager
 from fastes.engine.kv_cache import KVCache
-from fastes.models import CausalLM, Perturbation, Tokenizer, load_model, perturbed_names, save_pretrained
+from fastes.models import Perturbation, Tokenizer, load_model, perturbed_names, save_pretrained
 from fastes.models.rope import inv_freq
 from fastes.noise import member_noise_tensor
 from fastes.population import Population
@@ -41,15 +43,7 @@ FAMILIES = {
     "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (60 ms per index_add_ on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_tokenizer(path: Path) -> None:
@@ -71,16 +65,7 @@ def _make_tokenizer(path: Path) -> None:
 
 def _build(family: str, path: Path) -> torch.nn.Module:
     cls_name, extra = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**COMMON, **extra)
-    torch.manual_seed(hash(family) % 1000)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15 if p.dim() == 2 else 0.1)
-    model.save_pretrained(str(path))
+    model = random_hf_model(getattr(transformers, cls_name)(**COMMON, **extra), hash(family) % 1000, path)
     _make_tokenizer(path)
     return model
 
@@ -91,38 +76,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     return {f: (root / f, _build(f, root / f)) for f in FAMILIES}
 
 
-def _prompts(seed: int, lengths: list[int]) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g) for n in lengths]
-
-
-def _hf_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(ids.unsqueeze(0)).logits[0].float()
-
-
-def _packed_prefill(model: CausalLM, prompts: list[torch.Tensor], members: list[int] | None = None,
-                    pert: Perturbation | None = None) -> list[torch.Tensor]:
-    """All prompts in one forward through a fresh paged cache; per-prompt logits of every row."""
-    total = sum(len(p) for p in prompts)
-    bm = BlockManager(2 * total // BLOCK + 2 * len(prompts), BLOCK)
-    cache = KVCache.for_model(model.config, bm.num_blocks, BLOCK)
-    members = members or [-1] * len(prompts)
-    for i, p in enumerate(prompts):
-        bm.allocate(i, members[i], len(p))
-    attn, positions = build_attention_batch(bm, [(i, 0, len(p)) for i, p in enumerate(prompts)])
-    row_member = torch.cat([torch.full((len(p),), m, dtype=torch.int64) for p, m in zip(prompts, members, strict=True)])
-    logits = model.forward(torch.cat(prompts), positions, attn, cache, row_member if pert else None, pert)
-    return list(logits.split([len(p) for p in prompts]))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_packed_prefill_matches_transformers(checkpoints, family):
     path, hf = checkpoints[family]
     model = load_model(path)
-    prompts = _prompts(1, [5, 1, 11, 8])
-    for got, ids in zip(_packed_prefill(model, prompts), prompts, strict=True):
-        want = _hf_logits(hf, ids)
+    prompts = random_ids(1, [5, 1, 11, 8])
+    for got, ids in zip(packed_prefill(model, prompts), prompts, strict=True):
+        want = hf_logits(hf, ids)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -132,38 +92,14 @@ def test_chunked_prefill_then_decode_matches_transformers(checkpoints, family):
     """Sequences in different phases share each forward: chunks of prompts, then one token per step."""
     path, hf = checkpoints[family]
     model = load_model(path)
-    seqs = _prompts(2, [14, 9, 12])
-    prompt_lens, chunk = [7, 3, 5], 3
-    want = [_hf_logits(hf, s) for s in seqs]
-    bm = BlockManager(64, BLOCK)
-    cache = KVCache.for_model(model.config, 64, BLOCK)
-    done = [0] * len(seqs)
-    for i, n in enumerate(prompt_lens):
-        bm.allocate(i, -1, n)
-    while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
-        chunks = []
-        for i, s in enumerate(seqs):
-            if done[i] >= len(s):
-                continue
-            if done[i] < prompt_lens[i]:  # prefill, chunk by chunk
-                end = min(done[i] + chunk, prompt_lens[i])
-            else:  # decode: teacher-forced next token
-                bm.append_slot(i)
-                end = done[i] + 1
-            chunks.append((i, done[i], end))
-        attn, positions = build_attention_batch(bm, chunks)
-        ids = torch.cat([seqs[i][a:b] for i, a, b in chunks])
-        logits = model.forward(ids, positions, attn, cache)
-        for (i, a, b), got in zip(chunks, logits.split([b - a for _, a, b in chunks]), strict=True):
-            torch.testing.assert_close(got, want[i][a:b], atol=ATOL, rtol=0)
-            done[i] = b
-    bm.check()
+    check_chunked_prefill_then_decode(model, hf, random_ids(2, [14, 9, 12]), prompt_lens=[7, 3, 5], chunk=3,
+                                      num_blocks=64, block=BLOCK, atol=ATOL)
 
 
 def test_logits_indices_select_rows(checkpoints):
     path, hf = checkpoints["qwen2"]
     model = load_model(path)
-    prompts = _prompts(3, [6, 4])
+    prompts = random_ids(3, [6, 4])
     bm = BlockManager(16, BLOCK)
     cache = KVCache.for_model(model.config, 16, BLOCK)
     for i, p in enumerate(prompts):
@@ -172,7 +108,7 @@ def test_logits_indices_select_rows(checkpoints):
     last = torch.tensor([5, 9])
     got = model.forward(torch.cat(prompts), positions, attn, cache, logits_indices=last)
     assert got.shape == (2, 260) and got.dtype == torch.float32
-    want = torch.stack([_hf_logits(hf, p)[-1] for p in prompts])
+    want = torch.stack([hf_logits(hf, p)[-1] for p in prompts])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -195,8 +131,8 @@ def test_save_pretrained_round_trip(checkpoints, tmp_path, family):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                                  attn_implementation="eager").eval()
-    ids = _prompts(4, [9])[0]
-    torch.testing.assert_close(_hf_logits(reloaded, ids), _hf_logits(hf, ids), atol=1e-6, rtol=0)
+    ids = random_ids(4, [9])[0]
+    torch.testing.assert_close(hf_logits(reloaded, ids), hf_logits(hf, ids), atol=1e-6, rtol=0)
     sharded = save_pretrained(model, tmp_path / "saved", max_shard_bytes=30_000)  # overwrite in place
     assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
     again = load_model(sharded)
@@ -277,18 +213,18 @@ def test_perturbed_members_match_transformers(checkpoints, family, kwargs):
     pert = Perturbation.for_model(model, pop, step)
     names = _oracle_names(hf, pop)
     assert sorted(names) == sorted(perturbed_names(model.config.param_shapes(), pop))
-    prompts = _prompts(5, [6, 4, 7, 5, 3])
+    prompts = random_ids(5, [6, 4, 7, 5, 3])
     members = [0, 3, -1, 1, 3]
-    got = _packed_prefill(model, prompts, members, pert)
+    got = packed_prefill(model, prompts, members, pert)
     for m in sorted(set(members)):
         ref = hf if m < 0 else _oracle(hf, names, pop, m, pert.scales, step)
         for i in (i for i, mi in enumerate(members) if mi == m):
-            want = _hf_logits(ref, prompts[i])
+            want = hf_logits(ref, prompts[i])
             torch.testing.assert_close(got[i], want, atol=ATOL, rtol=0)
             if m >= 0:  # the perturbation must be far above the tolerance for the check to mean anything
-                assert (want - _hf_logits(hf, prompts[i])).abs().max() > 100 * ATOL
+                assert (want - hf_logits(hf, prompts[i])).abs().max() > 100 * ATOL
     # a member alone in the batch gives the same logits as in the mix: rows do not interfere
-    alone = _packed_prefill(model, [prompts[1], prompts[4]], [3, 3], pert)
+    alone = packed_prefill(model, [prompts[1], prompts[4]], [3, 3], pert)
     torch.testing.assert_close(alone[0], got[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(alone[1], got[4], atol=1e-5, rtol=0)
 
@@ -297,9 +233,9 @@ def test_perturbed_reference_backend_agrees(checkpoints):
     path, _ = checkpoints["qwen2"]
     model = load_model(path)
     pop = Population(size=2, sigma=1e-2, mode="lowrank", rank=2, seed=5, perturb_1d=True)
-    prompts, members = _prompts(6, [5, 3]), [1, 0]
-    fast = _packed_prefill(model, prompts, members, Perturbation.for_model(model, pop, 0))
-    ref = _packed_prefill(model, prompts, members, Perturbation.for_model(model, pop, 0, backend="reference"))
+    prompts, members = random_ids(6, [5, 3]), [1, 0]
+    fast = packed_prefill(model, prompts, members, Perturbation.for_model(model, pop, 0))
+    ref = packed_prefill(model, prompts, members, Perturbation.for_model(model, pop, 0, backend="reference"))
     for a, b in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -313,8 +249,8 @@ def test_lora_members_match_transformers(checkpoints, tmp_path):
         model.params[name_b].copy_(0.2 * torch.randn(model.params[name_b].shape, generator=g))
     pop = Population(size=2, sigma=5e-2, mode="lora", rank=2, seed=9)
     pert = Perturbation.for_model(model, pop, 1)
-    prompts, members = _prompts(7, [5, 6, 4]), [1, -1, 0]
-    got = _packed_prefill(model, prompts, members, pert)
+    prompts, members = random_ids(7, [5, 6, 4]), [1, -1, 0]
+    got = packed_prefill(model, prompts, members, pert)
     spec = pop.spec(1)
     for i, m in enumerate(members):
         twin = __import__("copy").deepcopy(hf)
@@ -326,21 +262,21 @@ def test_lora_members_match_transformers(checkpoints, tmp_path):
                     a += pop.sigma * member_noise_tensor(spec, name_a, m, tuple(a.shape))
                     b += pop.sigma * member_noise_tensor(spec, name_b, m, tuple(b.shape))
                 params[base].add_(model.lora_scaling * b @ a)
-        torch.testing.assert_close(got[i], _hf_logits(twin, prompts[i]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[i], hf_logits(twin, prompts[i]), atol=ATOL, rtol=0)
     # the saved model has the adapters merged, so transformers reproduces the unperturbed LoRA model
     out = save_pretrained(model, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                                attn_implementation="eager").eval()
-    torch.testing.assert_close(_hf_logits(merged, prompts[1]), got[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(hf_logits(merged, prompts[1]), got[1], atol=ATOL, rtol=0)
 
 
 def test_lora_init_is_neutral(checkpoints):
     path, _ = checkpoints["llama"]
     model = load_model(path)
-    before = _packed_prefill(model, _prompts(8, [5]))[0]
+    before = packed_prefill(model, random_ids(8, [5]))[0]
     model.add_lora(rank=4)
     assert len(model.lora) == 7 * model.config.num_layers
     a_name, b_name = next(iter(model.lora.values()))
     assert model.params[b_name].abs().sum() == 0 and model.params[a_name].std() > 0
     assert math.isclose(float(model.params[a_name].std()), 1 / math.sqrt(64), rel_tol=0.3)
-    torch.testing.assert_close(_packed_prefill(model, _prompts(8, [5]))[0], before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed_prefill(model, random_ids(8, [5]))[0], before, atol=1e-6, rtol=0)

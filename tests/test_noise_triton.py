@@ -13,6 +13,7 @@ import torch
 
 from fastes import _backend
 from fastes import noise as ref
+from fastes.noise import as_i32
 from fastes.ops import noise as ops
 
 pytestmark = pytest.mark.skipif(ops.triton is None, reason=f"triton unusable: {ops._TRITON_ERROR}")
@@ -150,7 +151,7 @@ def test_device_functions_on_2d_tile(mode: int, kind: str) -> None:
     out = torch.full((16, 64), float("nan"), device=DEVICE)
     k0, k1 = ref.split_seed(seed)
     _tile_kernel[(1,)](
-        out, ops._as_i32(k0), ops._as_i32(k1), ops._as_i32(tid), ops._as_i32(idx), step, R=16, C=64, MODE=mode
+        out, as_i32(k0), as_i32(k1), as_i32(tid), as_i32(idx), step, R=16, C=64, MODE=mode
     )
     assert_matches(out, seed, tid, idx, step, 0, kind)
 

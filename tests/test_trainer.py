@@ -17,14 +17,7 @@ from fastes.es.logger import read_metrics
 from fastes.es.optim import AskTell, lr_at, scheduled
 from fastes.es.trainer import Trainer, derive_seed, encode_prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

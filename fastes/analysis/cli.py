@@ -9,18 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-EXIT_BAD_INPUT = 2
-
-
-class BadInput(Exception):
-    """A user mistake: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise BadInput(message)
+from fastes._cliutil import BadInput, OneLineParser, parse_options, run_command
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +24,10 @@ def _engine_opts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-tokens", type=int, default=65536, help="KV pool size in tokens (default 65536)")
 
 
-def _parser() -> _Parser:
-    parser = _Parser(prog="fastes analyze", description="Compare fine-tuned checkpoints: off-task KL drift, "
-                     "update geometry, linear interpolation.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", metavar="{kl,geometry,interpolate}", parser_class=_Parser)
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="fastes analyze", description="Compare fine-tuned checkpoints: off-task KL drift, "
+                           "update geometry, linear interpolation.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="{kl,geometry,interpolate}", parser_class=OneLineParser)
     kl = sub.add_parser("kl", help="mean per-token KL(base ‖ tuned) on off-task prompts", allow_abbrev=False)
     kl.add_argument("--base", required=True, help="base model directory")
     kl.add_argument("--tuned", required=True, action="append", metavar="[LABEL=]DIR",
@@ -114,18 +105,6 @@ def labelled(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise BadInput(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -185,7 +164,7 @@ def _interpolate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     result = interpolate(_model_dir(args.a, "checkpoint A"), _model_dir(args.b, "checkpoint B"), args.task,
                          alphas=alphas, size=args.size, train_size=args.train_size, max_tokens=args.max_tokens,
-                         use_chat_template=args.chat, task_options=_options(args.option),
+                         use_chat_template=args.chat, task_options=parse_options(args.option),
                          dtype=_dtype(args.dtype, device), device=device, kv_cache_tokens=args.kv_tokens)
     written = write_report(args.out, interpolation=result)
     for i, alpha in enumerate(result.alphas):
@@ -198,20 +177,16 @@ def _interpolate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastes analyze`` with ``argv`` (the arguments after ``analyze``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("fastes analyze", lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
     parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return {"kl": _kl, "geometry": _geometry, "interpolate": _interpolate}[args.command](args)
-    except (BadInput, ValueError, FileNotFoundError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"fastes analyze: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("fastes analyze: interrupted", file=sys.stderr)
-        return 130
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return {"kl": _kl, "geometry": _geometry, "interpolate": _interpolate}[args.command](args)
 
 
 if __name__ == "__main__":

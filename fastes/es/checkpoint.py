@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastes._fsutil import fsync_dir, fsync_tree
 from fastes.models import save_pretrained
 
 if TYPE_CHECKING:
@@ -70,11 +71,11 @@ def save_checkpoint(
             "adapters": ADAPTER_FILE if engine.model.lora else None,
         }
         _write_json(target / STATE_FILE, state)  # last: its presence marks a complete directory
-        _fsync_tree(target)
+        fsync_tree(target, ignore_errors=True)
         if final.exists():  # only when a step is saved twice: move the old one into staging, then swap
             os.replace(final, staging / "previous")
         os.replace(target, final)
-        _fsync(root)
+        fsync_dir(root, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -132,27 +133,6 @@ def _write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync(path)
 
 
 __all__ = [

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fastes._fsutil import fsync_dir, fsync_tree
 from fastes.models.config import ModelConfig, read_config_json
 from fastes.models.decoder import CausalLM
 
@@ -137,17 +138,6 @@ def _config_for_save(model: CausalLM) -> dict[str, Any]:
     return raw
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int | None = None,
                     source_dir: str | Path | None = None) -> Path:
     """Write ``out_dir`` as an HF directory (config.json, safetensors, tokenizer files) atomically.
@@ -169,16 +159,13 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int |
             for fname in TOKENIZER_FILES:
                 if (source / fname).is_file():
                     shutil.copy2(source / fname, tmp / fname)
-        for file in tmp.iterdir():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "d")
         os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

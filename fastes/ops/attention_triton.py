@@ -86,6 +86,17 @@ def _kv_tile(k_ptr, v_ptr, bt_row, pos, col_ok, offs_d, d_ok, kvh, s_kb, s_ko, s
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Online softmax over one key tile: scores ``s`` [R, N] (log2 units), V [N, D]; returns the new (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, lens_ptr, bt_ptr, qk_scale, window,
                     s_qt, s_qh, s_ot, s_oh, s_kb, s_ko, s_kh, s_vb, s_vo, s_vh, s_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -133,12 +144,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, lens_ptr, bt_ptr, qk_sca
         if USE_WINDOW:
             allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64) * s_ot + head * s_oh
     tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -189,12 +195,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cu_ptr, lens_pt
         v = v.to(q.dtype)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + q_row * s_ot + head[:, None] * s_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),

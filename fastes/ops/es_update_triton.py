@@ -43,20 +43,14 @@ import triton
 import triton.language as tl
 
 from fastes import _backend
-from fastes.noise import SR_NOISE_INDEX, NoiseSpec, split_seed, sr_tensor_id, tensor_id
+from fastes.noise import KIND_INT, SR_NOISE_INDEX, NoiseSpec, as_i32, split_seed, sr_tensor_id, tensor_id
 from fastes.ops import philox
 
 OUT_FP32, OUT_BF16, OUT_FP16 = 0, 1, 2
 OUT_CODES = {torch.float32: OUT_FP32, torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16}
-KIND_INT = {"gaussian": 0, "rademacher": 1}
 # Counter words vary per call: one compiled kernel for all of them. Shapes (out_f, in_f, n) stay
 # specialized: knowing in_f % 16 == 0 is what lets Triton vectorize the W loads and stores.
 _SCALARS = ["num_idx", "k0", "k1", "tid", "sr_tid", "sr_idx", "step"]
-
-
-def _as_i32(value: int) -> int:
-    """uint32 → the int32 with the same bits (one compiled kernel for every seed, id and step)."""
-    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -175,18 +169,6 @@ def _lowrank_kernel(w_ptr, idx_ptr, coef_ptr, out_f, in_f, num_idx, k0, k1, tid,
     tl.store(tile + local, _round(v, words, OUT), mask=mask)
 
 
-@triton.jit
-def _rademacher_rows(b, k0, k1, tid, idx, step):
-    """Signs of 2-D blocks ``b`` [R, B] (counter index ``idx`` [R, B]) as [R, 128 B]: one Philox call per 128."""
-    x0, x1, x2, x3 = philox.philox4x32_10(b.to(tl.uint32), tid, idx, step, k0, k1)
-    col = tl.arange(0, 128)[None, None, :]
-    word = col >> 5
-    w = tl.where(word == 0, x0[:, :, None],
-                 tl.where(word == 1, x1[:, :, None], tl.where(word == 2, x2[:, :, None], x3[:, :, None])))
-    signs = tl.where(((w >> (col & 31).to(tl.uint32)) & 1) != 0, 1.0, -1.0)
-    return tl.reshape(signs, (b.shape[0], b.shape[1] * 128))
-
-
 @triton.jit(do_not_specialize=_SCALARS)
 def _full_kernel(w_ptr, idx_ptr, coef_ptr, n, num_idx, k0, k1, tid, sr_tid, sr_idx, step,
                  BLOCK: tl.constexpr, KB: tl.constexpr, KIND: tl.constexpr, OUT: tl.constexpr):
@@ -205,7 +187,7 @@ def _full_kernel(w_ptr, idx_ptr, coef_ptr, n, num_idx, k0, k1, tid, sr_tid, sr_i
             g0, g1, g2, g3 = philox.gaussian_block(blocks, k0, k1, tid, idx, step)
             vals = _flat4(g0, g1, g2, g3)
         else:
-            vals = _rademacher_rows(blocks, k0, k1, tid, idx, step)
+            vals = philox.rademacher_rows(blocks, k0, k1, tid, idx, step)
         acc += tl.sum(vals * c[:, None], axis=0)
     v = tl.load(w_ptr + e, mask=mask, other=0.0).to(tl.float32) + acc
     if OUT == 0:
@@ -276,8 +258,8 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
     idx = torch.tensor([i for i, _ in folded], dtype=torch.int64, device=weight.device)
     coef = torch.tensor([c * mult for _, c in folded], dtype=torch.float32, device=weight.device)
     k0, k1 = split_seed(noise.seed)
-    args = dict(k0=_as_i32(k0), k1=_as_i32(k1), tid=_as_i32(tensor_id(name)), sr_tid=_as_i32(sr_tensor_id(name)),
-                sr_idx=_as_i32(SR_NOISE_INDEX), step=_as_i32(noise.step), KIND=KIND_INT[noise.kind],
+    args = dict(k0=as_i32(k0), k1=as_i32(k1), tid=as_i32(tensor_id(name)), sr_tid=as_i32(sr_tensor_id(name)),
+                sr_idx=as_i32(SR_NOISE_INDEX), step=as_i32(noise.step), KIND=KIND_INT[noise.kind],
                 OUT=OUT_CODES[weight.dtype])
     if lowrank:
         out_f, in_f = weight.shape

@@ -27,24 +27,13 @@ from __future__ import annotations
 import torch
 
 from fastes import _backend
-from fastes.noise import NoiseSpec, member_noise_tensor, tensor_id
+from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, as_i32, member_noise_tensor, tensor_id
 from fastes.ops import member_noise
+from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
+from fastes.ops._triton import philox, tl, triton
 from fastes.ops.checks import check_noise_args, check_row_member, check_same, check_tensor, members_present
 
-try:  # Triton is optional at import time: CPU-only installs keep the torch paths.
-    import triton
-    import triton.language as tl
-
-    from fastes.ops.perturbed_embedding import noise_rows
-
-    _TRITON_ERROR: Exception | None = None
-except Exception as err:  # noqa: BLE001 - any failure means "no Triton backend"
-    triton = None
-    _TRITON_ERROR = err
-
 BACKENDS = ("auto", "reference", "cpu", "triton")
-KIND_INT = {"gaussian": 0, "rademacher": 1}
-PER_BLOCK = {"gaussian": 4, "rademacher": 128}
 
 
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -180,7 +169,7 @@ if triton is not None:
                 if HAS_NOISE:
                     if cur >= 0:  # padded rows/columns get finite noise that meets zeros of x or is not stored
                         e_row = jj[:, None].to(tl.int64) * in_f + kb
-                        a += c * noise_rows(e_row, BLOCK_K, k0, k1, tid, idx, step, KIND, BLOCKED)
+                        a += c * philox.noise_rows(e_row, BLOCK_K, k0, k1, tid, idx, step, KIND, BLOCKED)
                 acc += tl.dot(x, tl.trans(a), input_precision=PREC)
             tl.store(h_ptr + rows64[:, None] * rank + jj[None, :], acc, mask=sel[:, None] & jmask[None, :])
             cur = tl.min(tl.where(mem > cur, mem, NO_MEMBER), axis=0)
@@ -210,25 +199,13 @@ if triton is not None:
                 if cur >= 0:  # padded columns get finite noise that meets zero columns of h
                     idx, c = _member_coef(cur, sigma, ANTITHETIC)
                     e_row = cols[:, None].to(tl.int64) * rank
-                    bm = b + c * noise_rows(e_row, R_PAD, k0, k1, tid, idx, step, KIND, BLOCKED)
+                    bm = b + c * philox.noise_rows(e_row, R_PAD, k0, k1, tid, idx, step, KIND, BLOCKED)
             acc += tl.dot(h, tl.trans(bm), input_precision=PREC)
             cur = tl.min(tl.where(mem > cur, mem, NO_MEMBER), axis=0)
         offs = rows64[:, None] * out_f + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         y = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scaling * acc
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _i32(value: int) -> int:
-    """uint32 → int32 with the same bits, so one compiled kernel serves every seed and name."""
-    return value - (1 << 32) if value >= (1 << 31) else value
-
-
-def _require_triton(t: torch.Tensor, arg: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_TRITON_ERROR}")
-    if t.device.type != "cuda" and not _backend.triton_interpreted():
-        raise ValueError(f"{arg} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
 
 
 def _block(n: int, override: int | None, gpu: int) -> int:
@@ -255,7 +232,7 @@ def _noise_launch_args(noise: NoiseSpec | None, row_member: torch.Tensor | None,
     kind = noise.kind if noise is not None else "gaussian"
     scalars = [0, 0, 0, 0]
     if has_noise:
-        scalars = [_i32(v) for v in (noise.seed & 0xFFFFFFFF, noise.seed >> 32, tensor_id(name), noise.step)]
+        scalars = [as_i32(v) for v in (noise.seed & 0xFFFFFFFF, noise.seed >> 32, tensor_id(name), noise.step)]
     members = row_member.contiguous() if has_noise else fallback  # not read without noise
     const = dict(HAS_MEMBER=has_noise, HAS_NOISE=has_noise, ANTITHETIC=has_noise and noise.antithetic,
                  KIND=KIND_INT[kind], num_warps=4)
@@ -271,7 +248,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.
                        noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
                        block_k: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """H = x A_mᵀ per row's member, fp32 [T, r] (``out`` if given)."""
-    _require_triton(x, "x")
+    _backend.require_triton(x, "x", _TRITON_ERROR)
     (num_rows, in_f), rank = x.shape, lora_a.shape[0]
     if out is None:
         out = torch.empty(num_rows, rank, dtype=torch.float32, device=x.device)
@@ -281,7 +258,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.
     r_pad = max(16, triton.next_power_of_2(rank))
     gpu_m, gpu_k, _ = _gpu_blocks(r_pad, x.dtype)
     block_m, block_k = _block(num_rows, block_m, gpu_m), _block(in_f, block_k, gpu_k)
-    per = PER_BLOCK[noise.kind if noise is not None else "gaussian"]
+    per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
     _shrink_kernel[(triton.cdiv(num_rows, block_m),)](
         out, x.contiguous(), lora_a.contiguous(), members, num_rows, in_f, rank, float(sigma), k0, k1, tid, step,
         BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
@@ -295,7 +272,7 @@ def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
                        block_m: int | None = None, block_n: int | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """out = base + scaling · H B_mᵀ (base's dtype, H fp32 [T, r]); in place into base unless ``out`` is given."""
-    _require_triton(base, "base")
+    _backend.require_triton(base, "base", _TRITON_ERROR)
     (num_rows, out_f), rank = base.shape, lora_b.shape[1]
     base = base.contiguous()
     out = base if out is None else out
@@ -305,7 +282,7 @@ def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
     r_pad = max(16, triton.next_power_of_2(rank))
     gpu_m, _, gpu_n = _gpu_blocks(r_pad, base.dtype)
     block_m, block_n = _block(num_rows, block_m, gpu_m), _block(out_f, block_n, gpu_n)
-    per = PER_BLOCK[noise.kind if noise is not None else "gaussian"]
+    per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
     _expand_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(out_f, block_n))](
         out, base, h.contiguous(), lora_b.contiguous(), members, num_rows, out_f, rank, float(sigma),
         float(scaling), k0, k1, tid, step, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
@@ -323,7 +300,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``blocks`` = (BLOCK_M, BLOCK_K, BLOCK_N), powers of two ≥ 16, overrides the tiling; results do not
     depend on it.
     """
-    _require_triton(x, "x")
+    _backend.require_triton(x, "x", _TRITON_ERROR)
     block_m, block_k, block_n = blocks if blocks is not None else (None, None, None)
     if out is not None and (out.shape != (x.shape[0], weight.shape[0]) or out.dtype != x.dtype
                             or out.device != x.device or not out.is_contiguous()):

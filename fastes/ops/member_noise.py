@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
 from fastes import _backend
-from fastes.noise import NoiseSpec, tensor_id
+from fastes.noise import KIND_INT, NoiseSpec, member_noise_tensor, tensor_id
 
 CACHE_BYTES = 256 << 20
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -66,7 +67,7 @@ def stream_tensors(spec: NoiseSpec, name: str, indices: list[int], numel: int, o
     ``noise_fill_many``: one thread team for all rows) and not cached, since callers such as the
     update read them once.
     """
-    from fastes.ops.noise import KIND_INT, noise_fill
+    from fastes.ops.noise import noise_fill
 
     device = torch.device(device)
     out = torch.empty((len(indices), numel), dtype=torch.float32, device=device)
@@ -118,3 +119,20 @@ def dense_member(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...]
         a, b, sign = lowrank_factors(spec, name, member, shape[0], shape[1], rank, device)
         return (a @ b.T).mul_(sign / math.sqrt(rank))
     return dense(spec, name, member, shape, device)
+
+
+def reference_weights(weight: torch.Tensor, row_member: torch.Tensor | None, rows: int, noise: NoiseSpec | None,
+                      sigma: float, scale: float, mode: str, rank: int, name: str
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For the ops' oracles: (row mask, W + σ·s·E_m) per member in ``row_member`` (−1 or no noise: W itself).
+
+    W and E_m (the pure-Python reference noise) are fp32 on the CPU; ``rows``: the row count when
+    ``row_member`` is None (every row unperturbed).
+    """
+    w32 = weight.float().cpu()
+    members = row_member.cpu() if row_member is not None else torch.full((rows,), -1)
+    for m in torch.unique(members).tolist():
+        w = w32
+        if m >= 0 and noise is not None:
+            w = w32 + sigma * scale * member_noise_tensor(noise, name, m, tuple(weight.shape), mode, rank)
+        yield members == m, w

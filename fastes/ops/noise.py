@@ -18,35 +18,22 @@ import torch
 
 from fastes import _backend
 from fastes.noise import (
+    KIND_INT,
     U32_LIMIT,
     VALUES_PER_BLOCK,
+    as_i32,
     check_kind,
     check_seed,
     check_uint,
     split_seed,
     stream,
 )
-
-try:  # Triton is optional at import time: CPU-only installs still get torch and C++.
-    import triton
-    import triton.language as tl
-
-    from fastes.ops import philox
-
-    _TRITON_ERROR: Exception | None = None
-except Exception as err:  # noqa: BLE001 - any failure means "no Triton backend"
-    triton = None
-    _TRITON_ERROR = err
+from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
+from fastes.ops._triton import philox, tl, triton
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
-KIND_INT = {"gaussian": 0, "rademacher": 1}
 OFFSET_LIMIT = 1 << 62  # int64-safe; the real bound is the 2**32-block counter space, checked below
 _SCALAR_ARGS = ["n", "offset", "k0", "k1", "tid", "idx", "step"]
-
-
-def _as_i32(value: int) -> int:
-    """uint32 -> the int32 with the same bits, so every seed/id launches the same compiled kernel."""
-    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 if triton is not None:
@@ -123,13 +110,6 @@ def _check_out(out: object) -> torch.Tensor:
     return out
 
 
-def _check_triton_device(t: torch.Tensor, arg: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_TRITON_ERROR}")
-    if t.device.type != "cuda" and not _backend.triton_interpreted():
-        raise ValueError(f"{arg} must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
-
-
 # --------------------------------------------------------------------------- Triton launchers
 
 
@@ -163,7 +143,7 @@ def noise_fill_triton(
     out = _check_out(out)
     n = out.numel()
     seed, tensor_id, noise_index, step, offset = _check_stream_args(seed, tensor_id, noise_index, step, offset, n, kind)
-    _check_triton_device(out, "out")
+    _backend.require_triton(out, "out", _TRITON_ERROR)
     per = GROUP[kind]
     values = _default_values_per_program(kind) if block is None else block
     if isinstance(values, bool) or not isinstance(values, int) or values < per or values & (values - 1):
@@ -177,11 +157,11 @@ def noise_fill_triton(
         out,
         n,
         offset,
-        _as_i32(k0),
-        _as_i32(k1),
-        _as_i32(tensor_id),
-        _as_i32(noise_index),
-        _as_i32(step),
+        as_i32(k0),
+        as_i32(k1),
+        as_i32(tensor_id),
+        as_i32(noise_index),
+        as_i32(step),
         GROUPS=groups,
         PER=per,
         KIND=KIND_INT[kind],
@@ -209,7 +189,7 @@ def philox_blocks_triton(
     if start_block + num_blocks > U32_LIMIT:
         raise ValueError("start_block + num_blocks exceeds the 2**32-block counter space")
     out = torch.full((num_blocks, 4), -1, dtype=torch.int64, device=device)  # poisoned
-    _check_triton_device(out, "device")
+    _backend.require_triton(out, "device", _TRITON_ERROR)
     if num_blocks == 0:
         return out
     blocks = 256
@@ -218,11 +198,11 @@ def philox_blocks_triton(
         out,
         num_blocks,
         start_block,
-        _as_i32(k0),
-        _as_i32(k1),
-        _as_i32(tensor_id),
-        _as_i32(noise_index),
-        _as_i32(step),
+        as_i32(k0),
+        as_i32(k1),
+        as_i32(tensor_id),
+        as_i32(noise_index),
+        as_i32(step),
         BLOCKS=blocks,
     )
     return out

@@ -24,24 +24,13 @@ import math
 import torch
 
 from fastes import _backend
-from fastes.noise import NoiseSpec, member_noise_tensor, tensor_id
+from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, as_i32, tensor_id
 from fastes.ops import member_noise
+from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
+from fastes.ops._triton import philox, tl, triton
 from fastes.ops.checks import check_noise_args, check_row_member, check_tensor, members_present
 
-try:  # Triton is optional at import time: CPU-only installs keep the torch paths.
-    import triton
-    import triton.language as tl
-
-    from fastes.ops import philox
-
-    _TRITON_ERROR: Exception | None = None
-except Exception as err:  # noqa: BLE001 - any failure means "no Triton backend"
-    triton = None
-    _TRITON_ERROR = err
-
 BACKENDS = ("auto", "reference", "cpu", "triton")
-KIND_INT = {"gaussian": 0, "rademacher": 1}
-PER_BLOCK = {"gaussian": 4, "rademacher": 128}
 RANK_CHUNK = 16  # rank columns per B tile in registers
 TILE_VALUES = 2048  # BLOCK_H × rank chunk bound: no spills at 4 warps on sm_90
 
@@ -50,15 +39,10 @@ def perturbed_embedding_ref(ids: torch.Tensor, weight: torch.Tensor, row_member:
                             noise: NoiseSpec | None, sigma: float, scale: float, mode: str, rank: int,
                             name: str) -> torch.Tensor:
     """Oracle: index the explicitly materialized W + σ·s·E_m of each member."""
-    w32 = weight.float().cpu()
     ids_cpu = ids.cpu().long()
     out = torch.empty(ids.shape[0], weight.shape[1], dtype=torch.float32)
-    members = row_member.cpu() if row_member is not None else torch.full((ids.shape[0],), -1)
-    for m in torch.unique(members).tolist():
-        rows = members == m
-        w = w32
-        if m >= 0 and noise is not None:
-            w = w32 + sigma * scale * member_noise_tensor(noise, name, m, tuple(weight.shape), mode, rank)
+    args = (noise, sigma, scale, mode, rank, name)
+    for rows, w in member_noise.reference_weights(weight, row_member, ids.shape[0], *args):
         out[rows] = w[ids_cpu[rows]]
     return out.to(device=weight.device, dtype=weight.dtype)
 
@@ -122,35 +106,6 @@ def perturbed_embedding(ids: torch.Tensor, weight: torch.Tensor, row_member: tor
 if triton is not None:
 
     @triton.jit
-    def _rademacher_rows(b, k0, k1, tid, idx, step):
-        """Signs of blocks ``b`` [R, NB] as [R, 128·NB] in stream order: one Philox call per 128."""
-        x0, x1, x2, x3 = philox.philox4x32_10(b.to(tl.uint32), tid, idx, step, k0, k1)
-        col = tl.arange(0, 128)[None, None, :]
-        word = col >> 5
-        w = tl.where(word == 0, x0[:, :, None],
-                     tl.where(word == 1, x1[:, :, None], tl.where(word == 2, x2[:, :, None], x3[:, :, None])))
-        signs = tl.where(((w >> (col & 31).to(tl.uint32)) & 1) != 0, 1.0, -1.0)
-        return tl.reshape(signs, (b.shape[0], b.shape[1] * 128))
-
-    @triton.jit
-    def noise_rows(e_row, C: tl.constexpr, k0, k1, tid, idx, step, KIND: tl.constexpr, BLOCKED: tl.constexpr):
-        """[R, C] noise at stream elements e_row[R, 1] + 0..C−1 (idx: scalar or [R, 1] noise indices).
-
-        BLOCKED: every e_row and C are multiples of 4 (Gaussian) / 128 (Rademacher), so each
-        Philox call serves 4 / 128 values; otherwise one call per value (philox.noise_at).
-        """
-        if BLOCKED:
-            if KIND == philox.GAUSSIAN:
-                b = (e_row >> 2) + tl.arange(0, C // 4)[None, :]
-                g0, g1, g2, g3 = philox.gaussian_block(b, k0, k1, tid, idx, step)
-                vals = tl.interleave(tl.interleave(g0, g2), tl.interleave(g1, g3))
-            else:
-                vals = _rademacher_rows((e_row >> 7) + tl.arange(0, C // 128)[None, :], k0, k1, tid, idx, step)
-        else:
-            vals = philox.noise_at(e_row + tl.arange(0, C)[None, :], k0, k1, tid, idx, step, KIND)
-        return vals
-
-    @triton.jit
     def _lowrank_rows(tok, h0, hidden, rank, k0, k1, tid, idx, step, BLOCK_H: tl.constexpr, RB: tl.constexpr,
                       KIND: tl.constexpr, BLOCKED: tl.constexpr):
         """[TOK, BLOCK_H]: Σ_j A[tok, j]·B[h, j] (unscaled) for h = h0..; B first in the stream, then A.
@@ -161,7 +116,7 @@ if triton is not None:
         if BLOCKED:  # rank == RB, a power of two: B rows h0.. are one contiguous aligned run
             a = philox.noise_at(a_base + tl.arange(0, RB)[None, :], k0, k1, tid, idx, step, KIND)
             start = tl.zeros_like(tok) + h0 * RB
-            b = noise_rows(start, BLOCK_H * RB, k0, k1, tid, idx, step, KIND, True)
+            b = philox.noise_rows(start, BLOCK_H * RB, k0, k1, tid, idx, step, KIND, True)
             delta = tl.sum(tl.reshape(b, (tok.shape[0], BLOCK_H, RB)) * a[:, None, :], axis=2)
         else:
             cols = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
@@ -200,22 +155,10 @@ if triton is not None:
                 if LOWRANK:
                     delta = _lowrank_rows(tok, h0, hidden, rank, k0, k1, tid, idx, step, BLOCK_H, RB, KIND, BLOCKED)
                 else:
-                    delta = noise_rows(tok * hidden + h0, BLOCK_H, k0, k1, tid, idx, step, KIND, BLOCKED)
+                    delta = philox.noise_rows(tok * hidden + h0, BLOCK_H, k0, k1, tid, idx, step, KIND, BLOCKED)
                 acc += c * delta
         out = out_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _i32(value: int) -> int:
-    """uint32 → int32 with the same bits, so one compiled kernel serves every seed and name."""
-    return value - (1 << 32) if value >= (1 << 31) else value
-
-
-def _require_triton(t: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_TRITON_ERROR}")
-    if t.device.type != "cuda" and not _backend.triton_interpreted():
-        raise ValueError("weight must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
 
 
 def _tiles(hidden: int, mode: str, rank: int, kind: str, tokens: int | None) -> tuple[int, int, int, bool]:
@@ -224,7 +167,7 @@ def _tiles(hidden: int, mode: str, rank: int, kind: str, tokens: int | None) -> 
     On a GPU one program per (token, hidden tile); the interpreter pays per program and per
     op, not per element, so there it takes up to 32 tokens per program (same kernel source).
     """
-    per = PER_BLOCK[kind]
+    per = VALUES_PER_BLOCK[kind]
     interp = _backend.triton_interpreted()
     tok = tokens if tokens is not None else (32 if interp else 1)
     rb = min(triton.next_power_of_2(rank), RANK_CHUNK) if mode == "lowrank" else 1
@@ -245,7 +188,7 @@ def perturbed_embedding_triton(ids: torch.Tensor, weight: torch.Tensor, row_memb
 
     ``tokens_per_program`` (a power of two) overrides the tiling; results do not depend on it.
     """
-    _require_triton(weight)
+    _backend.require_triton(weight, "weight", _TRITON_ERROR)
     num_tokens, hidden = ids.shape[0], weight.shape[1]
     if out is None:
         out = torch.empty(num_tokens, hidden, dtype=weight.dtype, device=weight.device)
@@ -267,7 +210,7 @@ def perturbed_embedding_triton(ids: torch.Tensor, weight: torch.Tensor, row_memb
     grid = (triton.cdiv(num_tokens, tok), triton.cdiv(hidden, block_h))
     _embedding_kernel[grid](
         out, ids.contiguous(), weight, members, num_tokens, hidden, weight.stride(0), rank if mode == "lowrank" else 1,
-        float(coef), _i32(k0), _i32(k1), _i32(tid), _i32(step),
+        float(coef), as_i32(k0), as_i32(k1), as_i32(tid), as_i32(step),
         TOK=tok, BLOCK_H=block_h, RB=rb, HAS_NOISE=has_noise, ANTITHETIC=antithetic, LOWRANK=mode == "lowrank",
         KIND=KIND_INT[kind], BLOCKED=blocked, num_warps=4,
     )

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fastes.noise import NoiseSpec, member_noise_tensor
+from fastes.noise import NoiseSpec
 from fastes.ops import member_noise
 from fastes.ops.checks import check_noise_args, check_row_member, check_same, check_tensor, members_present
 
@@ -23,14 +23,10 @@ def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
                          mode: str, rank: int, name: str) -> torch.Tensor:
     """Oracle: fp32 matmul against the explicitly materialized W + σ·s·E_m of each member."""
-    x32, w32 = x.float().cpu(), weight.float().cpu()
+    x32 = x.float().cpu()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    members = row_member.cpu() if row_member is not None else torch.full((x.shape[0],), -1)
-    for m in torch.unique(members).tolist():
-        rows = members == m
-        w = w32
-        if m >= 0 and noise is not None:
-            w = w32 + sigma * scale * member_noise_tensor(noise, name, m, tuple(weight.shape), mode, rank)
+    args = (noise, sigma, scale, mode, rank, name)
+    for rows, w in member_noise.reference_weights(weight, row_member, x.shape[0], *args):
         out[rows] = x32[rows] @ w.T
     if bias is not None:
         out += bias.float().cpu()

@@ -47,27 +47,12 @@ from typing import Any
 import torch
 
 from fastes import _backend
-from fastes.noise import NoiseSpec, split_seed, tensor_id
-
-try:  # importable without Triton: the dispatcher only calls in here for CUDA or the interpreter
-    import triton
-    import triton.language as tl
-
-    from fastes.ops import philox
-except Exception as err:  # noqa: BLE001
-    triton = None
-    _TRITON_ERROR: Exception | None = err
-else:
-    _TRITON_ERROR = None
+from fastes.noise import KIND_INT, NoiseSpec, as_i32, split_seed, tensor_id
+from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
+from fastes.ops._triton import philox, tl, triton  # None without Triton: only CUDA or the interpreter call here
 
 PLAIN, LOWRANK, FULL = 0, 1, 2
-KIND_INT = {"gaussian": 0, "rademacher": 1}
 _SCALARS = ["key0", "key1", "tid", "step", "coef"]
-
-
-def _as_i32(value: int) -> int:
-    """uint32 -> int32 with the same bits, so one compiled kernel serves every seed and tensor id."""
-    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 if triton is not None:
@@ -278,11 +263,8 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     epilogue kernel adds the low-rank term to it). ``config``: fixed BM/BN/BK (+ num_warps,
     num_stages) instead of autotuning; under TRITON_INTERPRET=1 a small fixed config is used.
     """
-    if triton is None:
-        raise RuntimeError(f"the Triton backend is unavailable: {_TRITON_ERROR}")
+    _backend.require_triton(x, "x", _TRITON_ERROR)
     interp = _backend.triton_interpreted()
-    if x.device.type != "cuda" and not interp:
-        raise ValueError("x must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
     if base not in ("triton", "torch"):
         raise ValueError(f"base must be 'triton' or 'torch', got {base!r}")
     T, IN = x.shape
@@ -298,8 +280,8 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     kind = KIND_INT[noise.kind] if noise is not None else 0
     per = 4 if kind == 0 else 32
     k0, k1 = split_seed(noise.seed) if noise is not None else (0, 0)
-    scalars = dict(key0=_as_i32(k0), key1=_as_i32(k1), tid=_as_i32(tensor_id(name)),
-                   step=_as_i32(noise.step if noise is not None else 0))
+    scalars = dict(key0=as_i32(k0), key1=as_i32(k1), tid=as_i32(tensor_id(name)),
+                   step=as_i32(noise.step if noise is not None else 0))
     anti = bool(noise.antithetic) if noise is not None else False
     rp = _next_pow2(rank) if m == LOWRANK else 1
     rm = row_member if row_member is not None else out

@@ -34,7 +34,9 @@ Cost per value (a Philox call is 10 rounds x (2 mul.hi + 2 mul.lo + 4 xor) plus 
   interleaved along the last dimension): one Philox call per block, no redundancy. A
   matmul whose K-tile starts at a multiple of 4 elements of the stream can use them.
 * ``rademacher_words_flat`` (and ``rademacher_blocks_flat``, the same on whole blocks): one
-  Philox call per 32-bit word (~3 ops per sign).
+  Philox call per 32-bit word (~3 ops per sign); ``rademacher_rows``: 2-D blocks, one call per 128.
+* ``noise_rows``: [R, C] runs of a stream starting at per-row elements, block-wise when aligned,
+  else element-wise (the perturbed embedding's rows, the LoRA adapters' tiles).
 
 The noise fill (``fastes.ops.noise``) uses the per-block functions.
 
@@ -135,6 +137,19 @@ def rademacher_blocks_flat(b, k0, k1, tid, idx, step):
 
 
 @triton.jit
+def rademacher_rows(b, k0, k1, tid, idx, step):
+    """Signs of 2-D blocks ``b`` [R, B] as [R, 128 B] in stream order (``idx`` broadcasts against ``b``): one
+    Philox call per 128 signs."""
+    x0, x1, x2, x3 = philox4x32_10(b.to(tl.uint32), tid, idx, step, k0, k1)
+    col = tl.arange(0, 128)[None, None, :]
+    word = col >> 5
+    w = tl.where(word == 0, x0[:, :, None],
+                 tl.where(word == 1, x1[:, :, None], tl.where(word == 2, x2[:, :, None], x3[:, :, None])))
+    signs = tl.where(((w >> (col & 31).to(tl.uint32)) & 1) != 0, 1.0, -1.0)
+    return tl.reshape(signs, (b.shape[0], b.shape[1] * 128))
+
+
+@triton.jit
 def gaussian_at(e, k0, k1, tid, idx, step):
     """Gaussian value of element indices ``e`` (>= 0; any int type, used as int64): one Philox call each."""
     e = e.to(tl.int64)
@@ -163,3 +178,20 @@ def noise_at(e, k0, k1, tid, idx, step, KIND: tl.constexpr):
         return gaussian_at(e, k0, k1, tid, idx, step)
     else:
         return rademacher_at(e, k0, k1, tid, idx, step)
+
+
+@triton.jit
+def noise_rows(e_row, C: tl.constexpr, k0, k1, tid, idx, step, KIND: tl.constexpr, BLOCKED: tl.constexpr):
+    """[R, C] noise at stream elements e_row[R, 1] + 0..C−1 (idx: scalar or [R, 1] noise indices).
+
+    BLOCKED: every e_row and C are multiples of 4 (Gaussian) / 128 (Rademacher), so each
+    Philox call serves 4 / 128 values; otherwise one call per value (``noise_at``).
+    """
+    if BLOCKED:
+        if KIND == GAUSSIAN:
+            vals = gaussian_blocks_flat((e_row >> 2) + tl.arange(0, C // 4)[None, :], k0, k1, tid, idx, step)
+        else:
+            vals = rademacher_rows((e_row >> 7) + tl.arange(0, C // 128)[None, :], k0, k1, tid, idx, step)
+    else:
+        vals = noise_at(e_row + tl.arange(0, C)[None, :], k0, k1, tid, idx, step, KIND)
+    return vals

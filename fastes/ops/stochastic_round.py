@@ -16,14 +16,14 @@ import math
 import torch
 
 from fastes import _backend
-from fastes.noise import SR_NOISE_INDEX, split_seed, sr_tensor_id, stochastic_rounding_bits
+from fastes.noise import SR_NOISE_INDEX, as_i32, split_seed, sr_tensor_id, stochastic_rounding_bits
 
 try:  # Triton is optional: CPU-only installs use C++ or the reference.
     import triton
     import triton.language as tl
 
     from fastes.ops import philox
-    from fastes.ops.es_update_triton import OUT_CODES, _as_i32, _flat4, _round
+    from fastes.ops.es_update_triton import OUT_CODES, _flat4, _round
 except Exception:  # noqa: BLE001 - any failure means "no Triton backend"
     triton = None
 
@@ -84,8 +84,8 @@ def _round_triton(value: torch.Tensor, out: torch.Tensor, seed: int, name: str, 
         raise ValueError("out has more than 2**34 elements: beyond one stochastic-rounding counter space")
     block = 4096 if _backend.triton_interpreted() else 1024
     k0, k1 = split_seed(seed)
-    _round_kernel[(triton.cdiv(n, block),)](value, out, n, _as_i32(k0), _as_i32(k1), _as_i32(sr_tensor_id(name)),
-                                            _as_i32(SR_NOISE_INDEX), _as_i32(step), BLOCK=block,
+    _round_kernel[(triton.cdiv(n, block),)](value, out, n, as_i32(k0), as_i32(k1), as_i32(sr_tensor_id(name)),
+                                            as_i32(SR_NOISE_INDEX), as_i32(step), BLOCK=block,
                                             OUT=OUT_CODES[out.dtype], num_warps=4)
 
 

@@ -1,0 +1,48 @@
+"""What the ``fastes`` and ``fastes analyze`` command lines share: one-line errors (exit 2), KEY=VALUE options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``3`` is an int, ``true`` a bool)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise BadInput(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """``command()``'s exit code; bad input (BadInput, ValueError, FileNotFoundError) is one line
+    ``PROG: error: MESSAGE`` on stderr and exit 2, Ctrl-C exit 130."""
+    try:
+        return command()
+    except (BadInput, ValueError, FileNotFoundError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,33 @@
+"""fsync helpers for atomic directory writes (stage, fsync, rename): the bottom layer, imported by models and es."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path, ignore_errors: bool = False) -> None:
+    """fsync a directory so that renames into it are durable; one that cannot be opened is skipped.
+
+    ``ignore_errors``: also let a failing fsync pass (some file systems refuse directories).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not ignore_errors:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path, ignore_errors: bool = False) -> None:
+    """fsync every file directly in ``path``, then ``path`` itself (``ignore_errors``: as in ``fsync_dir``)."""
+    for file in path.iterdir():
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path, ignore_errors)
