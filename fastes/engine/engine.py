@@ -48,8 +48,8 @@ class Engine:
         self.backend = backend
         self.block_size = block_size
         on_gpu = self.device.type == "cuda"
-        self.max_num_seqs = max_num_seqs or (1024 if on_gpu else 256)
-        self.max_num_batched_tokens = max_num_batched_tokens or (8192 if on_gpu else 1024)
+        self.max_num_seqs = max_num_seqs or (1024 if on_gpu else 4096)
+        self.max_num_batched_tokens = max_num_batched_tokens or 8192
         if kv_cache_tokens is None:
             if on_gpu:
                 num_blocks = profile_num_blocks(model, self.max_num_batched_tokens, block_size)

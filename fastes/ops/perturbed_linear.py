@@ -9,6 +9,7 @@ Triton path (CUDA, and the interpreter in tests): noise generated inside the ker
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -33,34 +34,72 @@ def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out.to(device=x.device, dtype=x.dtype)
 
 
-def _member_segments(row_member: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """(member, rows) per member present; rows sorted by member (the engine's order) come as slices."""
-    out: list[tuple[int, slice | torch.Tensor]] = []
-    for m in members_present(row_member):
-        rows = (row_member == m).nonzero().squeeze(1)
-        first, last = int(rows[0]), int(rows[-1])
-        out.append((m, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
-    return out
+class _Segments:
+    """Member segments of one row_member tensor, computed once per forward and reused by every linear.
+
+    The cache holds a weak reference to the tensor and its version counter, so a freed or
+    modified tensor never hits.
+    """
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref[torch.Tensor] | None = None
+        self.version = -1
+        self.value: tuple[list[int], torch.Tensor, torch.Tensor, bool] | None = None
+
+    def get(self, row_member: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor, bool]:
+        """(members present, padded row index [M, C], validity mask [M, C], whether index is arange(T))."""
+        if self.ref is not None and self.ref() is row_member and self.version == row_member._version:
+            assert self.value is not None
+            return self.value
+        members = members_present(row_member)
+        rows = [(row_member == m).nonzero().squeeze(1) for m in members]
+        width = max((r.numel() for r in rows), default=0)
+        index = torch.zeros(len(members), width, dtype=torch.long, device=row_member.device)
+        valid = torch.zeros(len(members), width, dtype=torch.bool, device=row_member.device)
+        for i, r in enumerate(rows):
+            index[i, : r.numel()] = r
+            valid[i, : r.numel()] = True
+        dense_layout = bool(valid.all()) and index.numel() == row_member.numel() and bool(
+            (index.reshape(-1) == torch.arange(index.numel(), device=index.device)).all())
+        self.ref, self.version = weakref.ref(row_member), row_member._version
+        self.value = (members, index, valid, dense_layout)
+        return self.value
+
+
+_segments = _Segments()
 
 
 def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
                           mode: str, rank: int, name: str) -> torch.Tensor:
-    """Shared base GEMM, then each member's term on its own rows (the C++ fill draws the noise).
+    """Shared base GEMM, then every member's term at once on its own rows (the C++ fill draws the noise).
 
-    lowrank: (X_m B_m) A_mᵀ·σ·s/√r, 2·rows·(in + out)·r FLOPs per member; full: X_m E_mᵀ·σ·s.
+    Rows are gathered per member into a padded [M, C, in] batch; lowrank is two batched
+    matmuls with the stacked factors, (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs);
+    full is one batched matmul with the stacked dense E_m.
     """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
         return out
-    for m, rows in _member_segments(row_member):
-        xs = x[rows].float()
-        if mode == "lowrank":
-            a, b, sign = member_noise.lowrank_factors(noise, name, m, weight.shape[0], weight.shape[1], rank, x.device)
-            delta = (xs @ b) @ (a.T * (sign * sigma * scale / math.sqrt(rank)))
-        else:
-            delta = (xs @ member_noise.dense(noise, name, m, tuple(weight.shape), x.device).T) * (sigma * scale)
-        out[rows] += delta.to(out.dtype)
+    members, index, valid, dense_layout = _segments.get(row_member)
+    if not members:
+        return out
+    # Sorted equal segments covering every row (the engine's usual layout) are a free view.
+    xs = x.view(index.shape[0], index.shape[1], -1).float() if dense_layout else x[index].float()
+    out_f, in_f = weight.shape
+    if mode == "lowrank":
+        factors = [member_noise.lowrank_factors(noise, name, m, out_f, in_f, rank, x.device) for m in members]
+        coef = sigma * scale / math.sqrt(rank)
+        b = torch.stack([f[1] for f in factors])  # [M, in, r]
+        a = torch.stack([f[0] * (f[2] * coef) for f in factors])  # [M, out, r]
+        delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
+    else:
+        e = torch.stack([member_noise.dense(noise, name, m, (out_f, in_f), x.device) for m in members])
+        delta = torch.bmm(xs, e.transpose(1, 2)) * (sigma * scale)
+    if dense_layout:
+        out.view(delta.shape).add_(delta.to(out.dtype))
+    else:
+        out.index_put_((index[valid],), delta[valid].to(out.dtype), accumulate=True)
     return out
 
 
