@@ -33,6 +33,29 @@ CPU_KV_TOKENS = 65536
 Outputs = list[list[list[Completion]]]
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def limit_cpu_heap_growth(threshold: int = 1 << 16) -> bool:
+    """Make glibc return large freed buffers to the OS (mmap above ``threshold`` bytes).
+
+    A CPU forward allocates and frees many large, differently sized activations; with glibc's
+    dynamic mmap threshold they land in the heap and fragment it: the demo's RSS grew ~280 MB
+    per population generate (23 GB by step 85). Pinning the threshold keeps it flat (~0.7 GB).
+    No-op where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 class Engine:
     """A loaded model, its tokenizer and a paged KV pool; see DESIGN.md section 8 for the API."""
 
@@ -44,6 +67,8 @@ class Engine:
                              f"model's config.json says vocab_size {model.config.vocab_size}: they do not match")
         self.model = model
         self.tokenizer = tokenizer
+        if model.device.type == "cpu":
+            limit_cpu_heap_growth()
         self.device = model.device
         self.backend = backend
         self.block_size = block_size
