@@ -277,3 +277,11 @@ def test_cli(models, geometry_case, tmp_path, capsys):
     assert cli.main(["geometry", "--base", str(models["base"]), "--run", str(run_a), "--run", str(run_a),
                      "--out", str(out)]) == 2
     assert cli.main(["bogus"]) == 2
+
+
+def test_geometry_plot_of_an_unchanged_model(models, tmp_path):
+    """A run identical to its base (every Δ zero) still gets its plot and JSON."""
+    base = models["base"]
+    geo = update_geometry(base, {"same": base}, top_k=(1, 2))
+    written = write_report(tmp_path, geometry=geo)
+    assert (tmp_path / "geometry.png").is_file() and written

@@ -111,7 +111,9 @@ def plot_geometry(geometry: Any, path: str | Path) -> Path:
             axes[1, 1].plot([int(k) for k in ks], [_num(energy[run][k]) for k in ks], marker="o", label=run)
     axes[1, 1].set(title="Δ energy in top-k singular directions", xlabel="k (mean over matrices)",
                    ylabel="fraction of ‖Δ‖_F² (top-k s_i² / all)", ylim=(0, 1.05))
-    axes[1, 1].set_xscale("log", base=2)
+    finite = [line for line in axes[1, 1].lines if any(math.isfinite(float(y)) for y in line.get_ydata())]
+    if finite:  # a log axis with nothing finite on it (every update zero: NaN energies) fails to draw
+        axes[1, 1].set_xscale("log", base=2)
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes.flat:
