@@ -8,6 +8,7 @@ install:
 
 test: install
 	bash scripts/check_cuda_compile.sh
+	FASTES_BENCH_RESULTS=$${TMPDIR:-/tmp}/fastes-bench-smoke $(PYTHON) -m bench --quick
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 demo: install
