@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           + f" (Amdahl from the 1-thread run: generate {gen[base] * 1e3:.0f} ms, the rest {rest * 1e3:.0f} ms)")
     print("  On GPUs generation dominates (and splits only as long as N/G members still fill a GPU batch); the "
           "model must fit on one GPU. Absolute CPU times here mean nothing on a shared host.")
-    print(f"\nwrote {path.relative_to(ROOT)}")
+    print(f"\nwrote {path}")
     return 0
 
 
