@@ -159,8 +159,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         result = trainer.train()
     except DistributedError as err:  # a peer died or hung: not bad input, and the last checkpoint is intact
         print(f"fastes: error: distributed run stopped: {err}; resume from the last checkpoint in {config.out} "
-              "with --resume (any number of processes)", file=sys.stderr)
-        return 1
+              "with --resume (any number of processes)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Leave without interpreter teardown: gloo/NCCL threads still hold the broken group, and their C++
+        # destructors can abort() (exit -6 instead of 1). Checkpoints are already on disk (written atomically).
+        os._exit(1)
     if trainer.dist is not None:
         trainer.dist.close()
     if not trainer.is_main:
