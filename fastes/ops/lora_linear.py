@@ -116,7 +116,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     args = (x, weight, bias, lora_a, lora_b, scaling, row_member, noise, sigma, name_a, name_b)
     if backend == "reference":
         return lora_linear_ref(*args)
-    if backend == "triton" or (backend == "auto" and x.is_cuda and triton is not None):
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
         return lora_linear_triton(*args)
     return _lora_linear_cpu(*args)
 

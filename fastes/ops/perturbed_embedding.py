@@ -96,7 +96,7 @@ def perturbed_embedding(ids: torch.Tensor, weight: torch.Tensor, row_member: tor
     args = (ids, weight, row_member, noise, sigma, scale, mode, rank, name)
     if backend == "reference":
         return perturbed_embedding_ref(*args)
-    if backend == "triton" or (backend == "auto" and weight.is_cuda and triton is not None):
+    if backend == "triton" or (backend == "auto" and weight.is_cuda):
         return perturbed_embedding_triton(*args)
     return _perturbed_embedding_cpu(*args)
 
