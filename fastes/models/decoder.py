@@ -46,26 +46,21 @@ KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Rows:
-    """Row -> member tags of the current hidden rows, with the member grouping computed once."""
+    """Row -> member tags of the current hidden rows (None: every row runs the unperturbed model)."""
 
     def __init__(self, member: torch.Tensor | None) -> None:
         self.member = member
-        self._groups: tuple[list[int], torch.Tensor] | None = None
-
-    def select(self, index: torch.Tensor) -> _Rows:
-        return _Rows(None if self.member is None else self.member.index_select(0, index))
 
     def vector(self, vec: torch.Tensor, name: str, pert: Perturbation) -> torch.Tensor:
-        """Per-row vec + σ·s·E_m [T, D] (fp32 math, vec's dtype): how a 1-D parameter is perturbed."""
+        """Per-row vec + σ·s·E_m [T, D] (fp32 math, vec's dtype): how a 1-D parameter is perturbed.
+
+        A gather from the step's cached table of member deltas: no host sync, so a decode
+        step that perturbs norms or biases can still be captured in a CUDA graph.
+        """
         assert self.member is not None
-        if self._groups is None:
-            uniq, inverse = torch.unique(self.member, return_inverse=True)
-            self._groups = ([int(m) for m in uniq.tolist()], inverse)
-        members, inverse = self._groups
-        base = vec.float()
-        coef = pert.sigma * pert.scale(name)
-        table = [base if m < 0 else base + coef * pert.dense(name, m, tuple(vec.shape), vec.device) for m in members]
-        return torch.stack(table).to(vec.dtype).index_select(0, inverse)
+        table, lookup = pert.vector_deltas(name, tuple(vec.shape), vec.device)
+        delta = table.index_select(0, lookup.index_select(0, self.member.long() + 1))
+        return (vec.float() + delta).to(vec.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -157,6 +152,21 @@ class CausalLM:
         ``kv_caches`` (one (k, v) pair per layer), into which this call writes their K/V.
         Without ``perturbation`` every row runs the unperturbed model and ``row_member`` is ignored.
         """
+        h = self.hidden_states(input_ids, positions, attn, kv_caches, row_member, perturbation)
+        if logits_indices is not None:
+            h = h.index_select(0, logits_indices)
+            if row_member is not None:
+                row_member = row_member.index_select(0, logits_indices)
+        return self.logits(h, row_member, perturbation)
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
+                      kv_caches: KVCaches, row_member: torch.Tensor | None = None,
+                      perturbation: Perturbation | None = None) -> torch.Tensor:
+        """The residual stream [T, hidden] after the last layer (before the final norm); writes K/V.
+
+        Free of host syncs on CUDA, so a decode step of it can be captured in a CUDA graph.
+        """
         cfg = self.config
         if len(kv_caches) != cfg.num_layers:
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {cfg.num_layers}")
@@ -181,11 +191,15 @@ class CausalLM:
                 h = h + a
                 x = self._norm(h, p + "post_attention_layernorm.weight", rows, pert)
                 h = h + self._mlp(x, p + "mlp.", rows, pert)
-        if logits_indices is not None:
-            h = h.index_select(0, logits_indices)
-            rows = rows.select(logits_indices)
-        h = self._norm(h, "model.norm.weight", rows, pert)
-        return self._lm_head(h, rows, pert).float()
+        return h
+
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor, row_member: torch.Tensor | None = None,
+               perturbation: Perturbation | None = None) -> torch.Tensor:
+        """fp32 logits [S, vocab] of residual-stream rows ``h`` (final norm, then the LM head)."""
+        rows = _Rows(row_member if perturbation is not None else None)
+        h = self._norm(h, "model.norm.weight", rows, perturbation)
+        return self._lm_head(h, rows, perturbation).float()
 
     def _op_args(self, name: str, ndim: int, role: str, pert: Perturbation | None) -> dict[str, object]:
         """Keyword arguments of a population op for parameter ``name``: noise=None when not perturbed."""

@@ -47,13 +47,16 @@ class Perturbation:
 
     ``scales`` maps parameter name -> s_t (missing names use 1.0); pass the dict measured
     once with ``measure_scales`` when ``population.layerwise_scale``. ``backend`` is handed
-    to the population ops (auto | reference | cpu | triton).
+    to the population ops (auto | reference | cpu | triton). ``members`` lists the members a
+    forward may see (the engine's generate passes its own; None: the whole population), which
+    bounds the cached 1-D noise to those members.
     """
 
     population: Population
     step: int = 0
     scales: dict[str, float] = field(default_factory=dict)
     backend: str = "auto"
+    members: tuple[int, ...] | None = None
     noise: NoiseSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,17 +64,19 @@ class Perturbation:
             raise ValueError(f"population must be a fastes.Population, got {type(self.population).__name__}")
         self.noise = self.population.spec(self.step)
         self._decisions: dict[tuple[str, int, str], bool] = {}
-        self._cache: dict[tuple[str, int, str], torch.Tensor] = {}
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._lookup: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def for_model(cls, model: CausalLM, population: Population, step: int = 0, backend: str = "auto") -> Perturbation:
+    def for_model(cls, model: CausalLM, population: Population, step: int = 0, backend: str = "auto",
+                  members: tuple[int, ...] | None = None) -> Perturbation:
         """The perturbation of ``model``'s parameters: scales from ``model.noise_scales`` when layerwise."""
         if population.mode == "lora" and not model.lora:
             raise ValueError("population mode 'lora' needs LoRA adapters: call model.add_lora(...) first")
         if population.mode != "lora" and model.lora:
             raise ValueError(f"model has LoRA adapters, so population mode must be 'lora', got {population.mode!r}")
         scales = model.noise_scales() if population.layerwise_scale and population.mode != "lora" else {}
-        return cls(population, step, scales, backend)
+        return cls(population, step, scales, backend, members)
 
     @property
     def sigma(self) -> float:
@@ -108,12 +113,28 @@ class Perturbation:
             self._decisions[key] = decision
         return self._decisions[key]
 
-    def dense(self, name: str, member: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Signed dense E_m (fp32) of a small (1-D) parameter, cached for this step."""
-        key = (name, member, str(device))
+    def vector_deltas(self, name: str, shape: tuple[int, ...],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table [1 + M, D] fp32, lookup [size + 1] int64) of a small (1-D) parameter, cached for this step.
+
+        table row 0 is zero (the unperturbed model), row 1 + i is σ·s·E_m of ``members[i]``; lookup maps
+        member id + 1 to its table row (−1 and members outside ``members`` to row 0), so a forward turns
+        row_member into per-row deltas by two gathers, without a host sync.
+        """
+        key = (name, str(device))
         if key not in self._cache:
-            self._cache[key] = member_noise.dense(self.noise, name, member, shape, device)
-        return self._cache[key]
+            members = self.members if self.members is not None else range(self.num_members)
+            coef = self.sigma * self.scale(name)
+            rows = [torch.zeros(shape, dtype=torch.float32, device=device)]
+            rows += [coef * member_noise.dense(self.noise, name, m, shape, device) for m in members]
+            self._cache[key] = torch.stack(rows)
+        if str(device) not in self._lookup:
+            members = self.members if self.members is not None else range(self.num_members)
+            lookup = torch.zeros(self.num_members + 1, dtype=torch.long)
+            for i, m in enumerate(members):
+                lookup[m + 1] = i + 1
+            self._lookup[str(device)] = lookup.to(device)
+        return self._cache[key], self._lookup[str(device)]
 
 
 def perturbed_names(config_shapes: Mapping[str, tuple[tuple[int, ...], str]], population: Population,

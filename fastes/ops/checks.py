@@ -25,6 +25,11 @@ def check_same(t: torch.Tensor, ref: torch.Tensor, arg: str, ref_arg: str) -> No
         raise ValueError(f"{arg} dtype {t.dtype} differs from {ref_arg} dtype {ref.dtype}")
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: not while a CUDA graph is being captured (a read syncs)."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.device, num_members: int | None) -> None:
     """row_member: one member id per row, -1 for the unperturbed model."""
     if row_member is None:

@@ -31,7 +31,14 @@ from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, as_i32, member_n
 from fastes.ops import member_noise
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
 from fastes.ops._triton import philox, tl, triton
-from fastes.ops.checks import check_noise_args, check_row_member, check_same, check_tensor, members_present
+from fastes.ops.checks import (
+    check_noise_args,
+    check_row_member,
+    check_same,
+    check_tensor,
+    members_present,
+    values_checkable,
+)
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -106,7 +113,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if bias.shape[0] != out_f:
             raise ValueError(f"bias has {bias.shape[0]} entries for {out_f} output features")
     check_row_member(row_member, x.shape[0], x.device, num_members)
-    if row_member is not None and row_member.numel() and int(row_member.max()) >= 1 << 32:
+    if row_member is not None and row_member.numel() and values_checkable(row_member) \
+            and int(row_member.max()) >= 1 << 32:
         raise ValueError(f"row_member entries must be < 2**32, got {int(row_member.max())}")
     check_noise_args(noise, sigma, "full", 1, out_f, in_f)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):

@@ -28,7 +28,7 @@ from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, as_i32, tensor_i
 from fastes.ops import member_noise
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
 from fastes.ops._triton import philox, tl, triton
-from fastes.ops.checks import check_noise_args, check_row_member, check_tensor, members_present
+from fastes.ops.checks import check_noise_args, check_row_member, check_tensor, members_present, values_checkable
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 RANK_CHUNK = 16  # rank columns per B tile in registers
@@ -81,10 +81,11 @@ def perturbed_embedding(ids: torch.Tensor, weight: torch.Tensor, row_member: tor
     check_tensor(weight, "weight", 2)
     if ids.device != weight.device:
         raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+    checkable = values_checkable(ids)  # the engine's ids come from the host, checked there
+    if checkable and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids must be in [0, {weight.shape[0]}), got range [{int(ids.min())}, {int(ids.max())}]")
     check_row_member(row_member, ids.shape[0], ids.device, num_members)
-    if row_member is not None and row_member.numel() and int(row_member.max()) >= 1 << 32:
+    if checkable and row_member is not None and row_member.numel() and int(row_member.max()) >= 1 << 32:
         raise ValueError(f"row_member entries must be < 2**32, got {int(row_member.max())}")
     check_noise_args(noise, sigma, mode, rank, weight.shape[0], weight.shape[1])
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
