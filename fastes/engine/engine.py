@@ -19,6 +19,8 @@ import torch
 
 from fastes.engine.attention_batch import build_attention_batch
 from fastes.engine.block_manager import BlockManager
+from fastes.engine.cpu_heap import limit_cpu_heap_growth
+from fastes.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs
 from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
 from fastes.engine.sampling import MAX_SAMPLES, SamplingParams, prompt_keys, sample
 from fastes.engine.scheduler import Chunk, Scheduler
@@ -33,35 +35,16 @@ CPU_KV_TOKENS = 65536
 Outputs = list[list[list[Completion]]]
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def limit_cpu_heap_growth(threshold: int = 1 << 16) -> bool:
-    """Make glibc return large freed buffers to the OS (mmap above ``threshold`` bytes).
-
-    A CPU forward allocates and frees many large, differently sized activations; with glibc's
-    dynamic mmap threshold they land in the heap and fragment it: the demo's RSS grew ~280 MB
-    per population generate (23 GB by step 85). Pinning the threshold keeps it flat (~0.7 GB).
-    No-op where glibc is absent.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
 class Engine:
     """A loaded model, its tokenizer and a paged KV pool; see DESIGN.md section 8 for the API."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, kv_cache_tokens: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None, backend: str = "auto") -> None:
+                 max_num_batched_tokens: int | None = None, backend: str = "auto", cuda_graphs: bool | None = None,
+                 max_graph_batch: int = DEFAULT_MAX_GRAPH_BATCH) -> None:
+        """``cuda_graphs``: replay decode steps from CUDA graphs (None: on CUDA with the auto / triton backend;
+        True elsewhere is an error). ``max_graph_batch``: the largest decode batch captured; bigger ones run eagerly.
+        """
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer in {str(tokenizer.path)!r} has {tokenizer.vocab_size} tokens but the "
                              f"model's config.json says vocab_size {model.config.vocab_size}: they do not match")
@@ -85,6 +68,16 @@ class Engine:
                 raise ValueError(f"kv_cache_tokens must be a positive integer or None, got {kv_cache_tokens!r}")
             num_blocks = -(-kv_cache_tokens // block_size)
         self.kv_cache = KVCache.for_model(model.config, num_blocks, block_size, model.dtype, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = on_gpu and backend in ("auto", "triton")
+        if cuda_graphs and not on_gpu:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; the model is on {self.device}")
+        if cuda_graphs and backend not in ("auto", "triton"):
+            raise ValueError(f"cuda_graphs=True needs the auto or triton backend, got {backend!r}")
+        if isinstance(max_graph_batch, bool) or not isinstance(max_graph_batch, int) or max_graph_batch < 1:
+            raise ValueError(f"max_graph_batch must be a positive integer, got {max_graph_batch!r}")
+        self.decode_graphs = (DecodeGraphs(model, self.kv_cache, min(max_graph_batch, self.max_num_seqs))
+                              if cuda_graphs else None)
         self.manager = BlockManager(num_blocks, block_size)
         eos = set(model.config.eos_token_ids) | set(_generation_config_eos(model.source_dir))
         if tokenizer is not None:
@@ -155,7 +148,6 @@ class Engine:
             if len(ids) > pool:
                 raise ValueError(f"KV cache too small: prompt {i} has {len(ids)} tokens and the pool holds {pool}; "
                                  "raise kv_cache_tokens")
-        pert = Perturbation.for_model(self.model, population, step, self.backend) if population else None
         if members is not None:
             if population is None:
                 raise ValueError("members needs a population")
@@ -166,6 +158,8 @@ class Engine:
                 raise ValueError(f"members must be distinct, got {members}")
         else:
             members = list(range(population.size)) if population else [-1]
+        pert = (Perturbation.for_model(self.model, population, step, self.backend, tuple(members))
+                if population else None)
         slots = {member: i for i, member in enumerate(members)}
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         keys = prompt_keys(token_prompts)
@@ -189,6 +183,9 @@ class Engine:
 
     def _run(self, seqs: list[Sequence], pert: Perturbation | None, bar: _Progress | None) -> list[Sequence]:
         self.manager.reset()
+        if self.decode_graphs is not None:
+            self.decode_graphs.begin(pert)
+            replays = self.decode_graphs.num_replays
         scheduler = Scheduler(self.manager, self.max_num_seqs, self.max_num_batched_tokens)
         for seq in seqs:
             scheduler.add(seq)
@@ -233,10 +230,15 @@ class Engine:
             tokens += sum(c.end - c.start for c in chunks)
             if bar is not None:
                 bar.advance(advance)
-        self.last_stats = {"steps": steps, "tokens": tokens, "preemptions": scheduler.num_preemptions}
+        self.last_stats = {"steps": steps, "tokens": tokens, "preemptions": scheduler.num_preemptions,
+                           "graph_steps": self.decode_graphs.num_replays - replays if self.decode_graphs else 0}
         return finished
 
     def _forward(self, chunks: list[Chunk], pert: Perturbation | None) -> torch.Tensor:
+        if self.decode_graphs is not None and all(c.samples and c.end - c.start == 1 for c in chunks):
+            tables = [self.manager.block_table(c.seq.seq_id) for c in chunks]
+            if self.decode_graphs.fits(len(chunks), max(len(t) for t in tables)):
+                return self._forward_graph(chunks, tables, pert)
         attn, positions = build_attention_batch(self.manager, [(c.seq.seq_id, c.start, c.end) for c in chunks],
                                                 self.device)
         ids = [t for c in chunks for t in c.seq.tokens[c.start : c.end]]
@@ -252,6 +254,17 @@ class Engine:
                 ends.append(total - 1)
         logits_indices = torch.tensor(ends, dtype=torch.long, device=self.device)
         return self.model.forward(input_ids, positions, attn, self.kv_cache, row_member, pert, logits_indices)
+
+    def _forward_graph(self, chunks: list[Chunk], tables: list[list[int]], pert: Perturbation | None) -> torch.Tensor:
+        """A decode step (one new token per sequence) replayed from a CUDA graph; the LM head runs eagerly."""
+        graphs = self.decode_graphs
+        assert graphs is not None
+        hidden = graphs.run([c.seq.tokens[c.start] for c in chunks], [c.start for c in chunks],
+                            [c.seq.member for c in chunks],
+                            [self.manager.slots(c.seq.seq_id, c.start, c.end)[0] for c in chunks],
+                            [c.end for c in chunks], tables)
+        row_member = graphs.row_member[: len(chunks)] if pert is not None else None
+        return self.model.logits(hidden, row_member, pert)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device

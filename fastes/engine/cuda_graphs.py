@@ -1,0 +1,163 @@
+"""Decode steps replayed from CUDA graphs: one captured forward per padded batch size.
+
+A decode step launches ~15 kernels per layer, and for S sequences of a small model the GPU
+waits on Python and the driver to enqueue them. A CUDA graph captured once per batch-size
+bucket replays the whole forward (embedding to last layer) in one launch. Inputs live in
+static device buffers padded up to the bucket: padded rows get seq_len 0 (attention skips
+them), slot −1 (no KV write) and member −1, and their outputs are dropped. The final norm
+and LM head run outside the graph on the S real rows, so no graph holds a [bucket, vocab]
+logits buffer (vLLM splits it the same way).
+
+Noise keys (seed, step), σ and per-tensor scales are kernel arguments baked into a capture,
+so graphs belong to one Perturbation: a generate with a new one (every ES step) captures
+again, lazily, only the buckets it uses (one warm-up forward and one capture each). The
+unperturbed model's graphs are kept across calls while the parameter tensors stay the same
+(``engine.update`` writes in place; replaced tensors or new adapters drop every graph).
+
+``capture=False`` runs the same padded static-buffer forward eagerly: the CPU tests use it to
+check the padding and buffer logic that the GPU then captures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastes.engine.attention_batch import AttentionBatch
+
+if TYPE_CHECKING:
+    from fastes.engine.kv_cache import KVCache
+    from fastes.models import CausalLM, Perturbation
+
+DEFAULT_MAX_GRAPH_BATCH = 512
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Captured batch sizes: 1..8, then four per doubling (10, 12, 14, 16, 20, ...), then ``max_batch``.
+
+    A batch runs in the smallest size that holds it, so padding wastes under 25% of a step.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = list(range(1, 9))
+    base = 8
+    while sizes[-1] < max_batch:
+        sizes += [base + k * base // 4 for k in range(1, 5)]
+        base *= 2
+    return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph | None  # None: eager replay (capture=False)
+    hidden: torch.Tensor | None  # the captured forward's output [size, hidden]
+
+
+class DecodeGraphs:
+    """Static decode buffers of one engine and the graphs captured over them."""
+
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_batch: int = DEFAULT_MAX_GRAPH_BATCH,
+                 capture: bool = True) -> None:
+        if capture and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}")
+        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        block_size = kv_cache.block_size
+        width = min(kv_cache.num_blocks, -(-model.config.max_position_embeddings // block_size))
+        dev, b = model.device, self.max_batch
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.row_member = torch.full((b,), -1, dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
+        self.cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self._graphs: dict[tuple[int | None, int], _Graph] = {}  # (id of the perturbation, size)
+        self._ptrs: tuple[object, ...] = ()
+        self._pert: Perturbation | None = None
+        self._pool: object | None = None
+        self.num_captures = 0
+        self.num_replays = 0
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return int(self.block_tables.shape[1])
+
+    def bucket(self, num_seqs: int) -> int:
+        """The captured size a batch of ``num_seqs`` decodes runs in."""
+        for size in self.sizes:
+            if size >= num_seqs:
+                return size
+        raise ValueError(f"{num_seqs} sequences exceed the largest graph batch {self.max_batch}")
+
+    def fits(self, num_seqs: int, max_blocks: int) -> bool:
+        return 0 < num_seqs <= self.max_batch and max_blocks <= self.max_blocks_per_seq
+
+    def begin(self, pert: Perturbation | None) -> None:
+        """Bind to a generate call; graphs of another perturbation, or of replaced parameter tensors, go."""
+        ptrs = (len(self.model.params), tuple(t.data_ptr() for t in self.model.params.values()))
+        if ptrs != self._ptrs:
+            self._graphs.clear()
+            self._ptrs = ptrs
+        if pert is not self._pert:  # the reference kept in self._pert means a new one never reuses its id
+            self._graphs = {key: g for key, g in self._graphs.items() if key[0] is None}
+        self._pert = pert
+
+    def run(self, input_ids: list[int], positions: list[int], members: list[int], slots: list[int],
+            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay."""
+        num_seqs = len(input_ids)
+        size = self.bucket(num_seqs)
+        pad = size - num_seqs
+        width = max(len(t) for t in block_tables)
+        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, members + [-1] * pad,
+                             slots + [-1] * pad, seq_lens + [0] * pad], dtype=torch.long)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        self.row_member[:size].copy_(host[2], non_blocking=True)
+        self.slot_mapping[:size].copy_(host[3], non_blocking=True)
+        self.seq_lens[:size].copy_(host[4], non_blocking=True)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self.block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
+        key = (id(self._pert) if self._pert is not None else None, size)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(size)
+        self.num_replays += 1
+        if entry.graph is None:
+            return self._forward(size)[:num_seqs]
+        entry.graph.replay()
+        assert entry.hidden is not None
+        return entry.hidden[:num_seqs]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        attn = AttentionBatch(self.cu_seqlens_q[: size + 1], self.seq_lens[:size], self.block_tables[:size],
+                              self.slot_mapping[:size], 1, self.max_blocks_per_seq * self.kv_cache.block_size)
+        pert = self._pert
+        return self.model.hidden_states(self.input_ids[:size], self.positions[:size], attn, self.kv_cache,
+                                        self.row_member[:size] if pert is not None else None, pert)
+
+    def _capture(self, size: int) -> _Graph:
+        if not self.capture:
+            return _Graph(None, None)
+        device = self.model.device
+        # Warm-up outside the capture on a side stream: Triton compiles and autotunes, the step's 1-D noise
+        # tables fill, cuBLAS sets up. It runs this step's real inputs, so its K/V writes are the replay's own.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._forward(size)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self._forward(size)
+        self.num_captures += 1
+        return _Graph(graph, hidden)
+
+
+__all__ = ["DEFAULT_MAX_GRAPH_BATCH", "DecodeGraphs", "graph_batch_sizes"]
