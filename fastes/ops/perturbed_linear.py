@@ -92,6 +92,9 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         coef = sigma * scale / math.sqrt(rank)
         b = torch.stack([f[1] for f in factors])  # [M, in, r]
         a = torch.stack([f[0] * (f[2] * coef) for f in factors])  # [M, out, r]
+        if dense_layout and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
+            out.view(index.shape[0], index.shape[1], out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
+            return out
         delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
     else:
         e = torch.stack([member_noise.dense(noise, name, m, (out_f, in_f), x.device) for m in members])
