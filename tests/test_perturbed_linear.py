@@ -93,11 +93,18 @@ def test_cublas_base_and_strided_input(rng):
     assert_close(out, perturbed_linear_ref(*args), torch.float32)
 
 
-@pytest.mark.parametrize("mode,kind", [("lowrank", "gaussian"), ("full", "rademacher")])
-def test_cpu_path_matches_reference(rng, mode, kind):
-    x, w, b, rm = make(rng, 29, 33, 65, 5, ordered=False)
+@pytest.mark.parametrize("layout", ["shuffled", "sorted", "equal-runs"])
+@pytest.mark.parametrize("mode,kind,dtype", [("lowrank", "gaussian", torch.float32),
+                                             ("full", "rademacher", torch.float32),
+                                             ("lowrank", "rademacher", torch.bfloat16)])
+def test_cpu_path_matches_reference(rng, mode, kind, dtype, layout):
+    """The CPU path's three layouts: a padded gather (shuffled rows), one slice per member (sorted runs of
+    any length, -1 rows among them) and batched matmuls over a view (equal runs covering every row)."""
+    x, w, b, rm = make(rng, 30, 33, 65, 5, dtype=dtype, ordered=layout != "shuffled")
+    if layout == "equal-runs":
+        rm = torch.tensor([3, 0, 4]).repeat_interleave(10)
     args = (x, w, b, rm, spec(kind, True, rng), 0.3, 1.3, mode, 2, NAME)
-    assert_close(perturbed_linear(*args, backend="cpu"), perturbed_linear_ref(*args), torch.float32)
+    assert_close(perturbed_linear(*args, backend="cpu"), perturbed_linear_ref(*args), dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])

@@ -23,7 +23,7 @@ class Completion:
     finish_reason: str
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two rollouts are never "equal", and list.remove stays a pointer scan
 class Sequence:
     """``tokens`` = prompt + generated; the first ``num_computed`` have KV in the cache.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +35,47 @@ def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out.to(device=x.device, dtype=x.dtype)
 
 
+@dataclass
+class _Layout:
+    """Where each member's rows are in one row_member tensor.
+
+    ``runs`` lists (member, start, end) when every member's rows form one contiguous run (the
+    engine sorts rows by member), else None and ``index`` / ``valid`` pad each member's rows
+    into an [M, C] gather. ``equal``: the runs cover every row with one length, so x is a free
+    [M, C, in] view.
+    """
+
+    members: list[int]
+    runs: list[tuple[int, int, int]] | None
+    equal: bool = False
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+def _layout(row_member: torch.Tensor) -> _Layout:
+    total = row_member.numel()
+    if total == 0:
+        return _Layout([], [])
+    bounds = (torch.nonzero(row_member[1:] != row_member[:-1]).squeeze(1) + 1).tolist()
+    starts, ends = [0, *bounds], [*bounds, total]
+    run_members = row_member[torch.tensor(starts, dtype=torch.long, device=row_member.device)].tolist()
+    runs = [(int(m), s, e) for m, s, e in zip(run_members, starts, ends, strict=True) if m >= 0]
+    if len({m for m, _, _ in runs}) == len(runs):
+        equal = len(runs) == len(starts) and len({e - s for _, s, e in runs}) == 1
+        return _Layout([m for m, _, _ in runs], runs, equal)
+    members = members_present(row_member)
+    rows = [(row_member == m).nonzero().squeeze(1) for m in members]
+    width = max(r.numel() for r in rows)
+    index = torch.zeros(len(members), width, dtype=torch.long, device=row_member.device)
+    valid = torch.zeros(len(members), width, dtype=torch.bool, device=row_member.device)
+    for i, r in enumerate(rows):
+        index[i, : r.numel()] = r
+        valid[i, : r.numel()] = True
+    return _Layout(members, None, False, index, valid)
+
+
 class _Segments:
-    """Member segments of one row_member tensor, computed once per forward and reused by every linear.
+    """The layout of one row_member tensor, computed once per forward and reused by every linear.
 
     The cache holds a weak reference to the tensor and its version counter, so a freed or
     modified tensor never hits.
@@ -44,65 +84,80 @@ class _Segments:
     def __init__(self) -> None:
         self.ref: weakref.ref[torch.Tensor] | None = None
         self.version = -1
-        self.value: tuple[list[int], torch.Tensor, torch.Tensor, bool] | None = None
+        self.value: _Layout | None = None
 
-    def get(self, row_member: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor, bool]:
-        """(members present, padded row index [M, C], validity mask [M, C], whether index is arange(T))."""
+    def get(self, row_member: torch.Tensor) -> _Layout:
         if self.ref is not None and self.ref() is row_member and self.version == row_member._version:
             assert self.value is not None
             return self.value
-        members = members_present(row_member)
-        rows = [(row_member == m).nonzero().squeeze(1) for m in members]
-        width = max((r.numel() for r in rows), default=0)
-        index = torch.zeros(len(members), width, dtype=torch.long, device=row_member.device)
-        valid = torch.zeros(len(members), width, dtype=torch.bool, device=row_member.device)
-        for i, r in enumerate(rows):
-            index[i, : r.numel()] = r
-            valid[i, : r.numel()] = True
-        dense_layout = bool(valid.all()) and index.numel() == row_member.numel() and bool(
-            (index.reshape(-1) == torch.arange(index.numel(), device=index.device)).all())
+        self.value = _layout(row_member)
         self.ref, self.version = weakref.ref(row_member), row_member._version
-        self.value = (members, index, valid, dense_layout)
         return self.value
 
 
 _segments = _Segments()
 
 
+def _member_term(x: torch.Tensor, out: torch.Tensor, noise: NoiseSpec, sigma: float, scale: float, mode: str,
+                 rank: int, name: str, member: int) -> None:
+    """out += x (σ·s·E_m)ᵀ for rows x of one member, in place (fp32 math)."""
+    out_f, in_f = out.shape[1], x.shape[1]
+    if mode == "lowrank":
+        a, b, sign = member_noise.lowrank_factors(noise, name, member, out_f, in_f, rank, x.device)
+        h = torch.mm(x.float(), b)
+        a = a * (sign * sigma * scale / math.sqrt(rank))
+        if out.dtype == torch.float32:
+            out.addmm_(h, a.t())
+        else:
+            out.add_(torch.mm(h, a.t()).to(out.dtype))
+    else:
+        e = member_noise.dense(noise, name, member, (out_f, in_f), x.device)
+        if out.dtype == torch.float32:
+            out.addmm_(x.float(), e.t(), alpha=sigma * scale)
+        else:
+            out.add_((torch.mm(x.float(), e.t()) * (sigma * scale)).to(out.dtype))
+
+
 def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
                           mode: str, rank: int, name: str) -> torch.Tensor:
-    """Shared base GEMM, then every member's term at once on its own rows (the C++ fill draws the noise).
+    """Shared base GEMM, then every member's term on its own rows (the C++ fill draws the noise).
 
-    Rows are gathered per member into a padded [M, C, in] batch; lowrank is two batched
-    matmuls with the stacked factors, (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs);
-    full is one batched matmul with the stacked dense E_m.
+    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs), full X_m E_mᵀ·σ·s. Equal runs
+    (the engine's decode steps) go as batched matmuls over a free [M, C, in] view; other
+    contiguous runs (mixed prefill and decode) one member at a time on row slices; unsorted
+    rows through a padded gather.
     """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
         return out
-    members, index, valid, dense_layout = _segments.get(row_member)
-    if not members:
+    layout = _segments.get(row_member)
+    if not layout.members:
         return out
-    # Sorted equal segments covering every row (the engine's usual layout) are a free view.
-    xs = x.view(index.shape[0], index.shape[1], -1).float() if dense_layout else x[index].float()
+    if layout.runs is not None and not layout.equal:
+        for m, start, end in layout.runs:
+            _member_term(x[start:end], out[start:end], noise, sigma, scale, mode, rank, name, m)
+        return out
+    num, width = (len(layout.members), x.shape[0] // len(layout.members)) if layout.equal else layout.index.shape
+    xs = x.view(num, width, -1).float() if layout.equal else x[layout.index].float()
     out_f, in_f = weight.shape
     if mode == "lowrank":
-        factors = [member_noise.lowrank_factors(noise, name, m, out_f, in_f, rank, x.device) for m in members]
+        factors = [member_noise.lowrank_factors(noise, name, m, out_f, in_f, rank, x.device) for m in layout.members]
         coef = sigma * scale / math.sqrt(rank)
         b = torch.stack([f[1] for f in factors])  # [M, in, r]
         a = torch.stack([f[0] * (f[2] * coef) for f in factors])  # [M, out, r]
-        if dense_layout and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
-            out.view(index.shape[0], index.shape[1], out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
+        if layout.equal and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
+            out.view(num, width, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
             return out
         delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
     else:
-        e = torch.stack([member_noise.dense(noise, name, m, (out_f, in_f), x.device) for m in members])
+        e = torch.stack([member_noise.dense(noise, name, m, (out_f, in_f), x.device) for m in layout.members])
         delta = torch.bmm(xs, e.transpose(1, 2)) * (sigma * scale)
-    if dense_layout:
+    if layout.equal:
         out.view(delta.shape).add_(delta.to(out.dtype))
     else:
-        out.index_put_((index[valid],), delta[valid].to(out.dtype), accumulate=True)
+        valid = layout.valid
+        out.index_put_((layout.index[valid],), delta[valid].to(out.dtype), accumulate=True)
     return out
 
 
