@@ -235,9 +235,11 @@ class Engine:
         return finished
 
     def _forward(self, chunks: list[Chunk], pert: Perturbation | None) -> torch.Tensor:
-        if self.decode_graphs is not None and all(c.samples and c.end - c.start == 1 for c in chunks):
+        graphs = self.decode_graphs
+        if graphs is not None and len(chunks) <= graphs.max_batch and all(c.samples and c.end - c.start == 1
+                                                                          for c in chunks):
             tables = [self.manager.block_table(c.seq.seq_id) for c in chunks]
-            if self.decode_graphs.fits(len(chunks), max(len(t) for t in tables)):
+            if graphs.fits(len(chunks), max(len(t) for t in tables)):
                 return self._forward_graph(chunks, tables, pert)
         attn, positions = build_attention_batch(self.manager, [(c.seq.seq_id, c.start, c.end) for c in chunks],
                                                 self.device)
