@@ -96,10 +96,16 @@ def stream_tensors(spec: NoiseSpec, name: str, indices: list[int], numel: int, o
 
 def dense(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],
           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Signed dense E_m (float32)."""
-    index, sign = spec.member(member)
-    values = stream_tensor(spec, name, index, math.prod(shape), 0, device).reshape(shape)
+    """Signed dense E_m (float32), a fresh tensor."""
+    values, sign = dense_unsigned(spec, name, member, shape, device)
     return values.clone() if sign > 0 else -values
+
+
+def dense_unsigned(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """(E of the member's noise index, read-only and possibly cached; its antithetic sign): E_m = sign · E."""
+    index, sign = spec.member(member)
+    return stream_tensor(spec, name, index, math.prod(shape), 0, device).reshape(shape), sign
 
 
 def lowrank_factors(spec: NoiseSpec, name: str, member: int, out_features: int, in_features: int, rank: int,

@@ -110,12 +110,12 @@ def _member_term(x: torch.Tensor, out: torch.Tensor, noise: NoiseSpec, sigma: fl
             out.addmm_(h, a.t())
         else:
             out.add_(torch.mm(h, a.t()).to(out.dtype))
-    else:
-        e = member_noise.dense(noise, name, member, (out_f, in_f), x.device)
+    else:  # the cached E with the sign folded into alpha: no copy of an [out, in] matrix per call
+        e, sign = member_noise.dense_unsigned(noise, name, member, (out_f, in_f), x.device)
         if out.dtype == torch.float32:
-            out.addmm_(x.float(), e.t(), alpha=sigma * scale)
+            out.addmm_(x.float(), e.t(), alpha=sign * sigma * scale)
         else:
-            out.add_((torch.mm(x.float(), e.t()) * (sigma * scale)).to(out.dtype))
+            out.add_((torch.mm(x.float(), e.t()) * (sign * sigma * scale)).to(out.dtype))
 
 
 def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -123,10 +123,10 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           mode: str, rank: int, name: str) -> torch.Tensor:
     """Shared base GEMM, then every member's term on its own rows (the C++ fill draws the noise).
 
-    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs), full X_m E_mᵀ·σ·s. Equal runs
-    (the engine's decode steps) go as batched matmuls over a free [M, C, in] view; other
-    contiguous runs (mixed prefill and decode) one member at a time on row slices; unsorted
-    rows through a padded gather.
+    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs): equal runs (the engine's
+    decode steps) as batched matmuls over a free [M, C, in] view, other contiguous runs (mixed
+    prefill and decode) one member at a time on row slices, unsorted rows through a padded
+    gather. Full adds X_m E_mᵀ·σ·s one member at a time (stacking the E_m would copy them).
     """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
@@ -134,25 +134,29 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     layout = _segments.get(row_member)
     if not layout.members:
         return out
-    if layout.runs is not None and not layout.equal:
-        for m, start, end in layout.runs:
-            _member_term(x[start:end], out[start:end], noise, sigma, scale, mode, rank, name, m)
+    if mode == "full" or (layout.runs is not None and not layout.equal):
+        if layout.runs is not None:
+            for m, start, end in layout.runs:
+                _member_term(x[start:end], out[start:end], noise, sigma, scale, mode, rank, name, m)
+            return out
+        assert layout.index is not None and layout.valid is not None
+        for i, m in enumerate(layout.members):
+            rows = layout.index[i][layout.valid[i]]
+            part = torch.zeros(rows.numel(), out.shape[1], dtype=out.dtype, device=out.device)
+            _member_term(x[rows], part, noise, sigma, scale, mode, rank, name, m)
+            out.index_add_(0, rows, part)
         return out
     num, width = (len(layout.members), x.shape[0] // len(layout.members)) if layout.equal else layout.index.shape
     xs = x.view(num, width, -1).float() if layout.equal else x[layout.index].float()
     out_f, in_f = weight.shape
-    if mode == "lowrank":
-        factors = [member_noise.lowrank_factors(noise, name, m, out_f, in_f, rank, x.device) for m in layout.members]
-        coef = sigma * scale / math.sqrt(rank)
-        b = torch.stack([f[1] for f in factors])  # [M, in, r]
-        a = torch.stack([f[0] * (f[2] * coef) for f in factors])  # [M, out, r]
-        if layout.equal and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
-            out.view(num, width, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
-            return out
-        delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
-    else:
-        e = torch.stack([member_noise.dense(noise, name, m, (out_f, in_f), x.device) for m in layout.members])
-        delta = torch.bmm(xs, e.transpose(1, 2)) * (sigma * scale)
+    factors = [member_noise.lowrank_factors(noise, name, m, out_f, in_f, rank, x.device) for m in layout.members]
+    coef = sigma * scale / math.sqrt(rank)
+    b = torch.stack([f[1] for f in factors])  # [M, in, r]
+    a = torch.stack([f[0] * (f[2] * coef) for f in factors])  # [M, out, r]
+    if layout.equal and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
+        out.view(num, width, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
+        return out
+    delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
     if layout.equal:
         out.view(delta.shape).add_(delta.to(out.dtype))
     else:
