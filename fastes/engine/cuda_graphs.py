@@ -154,7 +154,9 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a background thread's CUDA call (e.g. the NCCL watchdog in a distributed run) must
+        # not invalidate this capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             hidden = self._forward(size)
         self.num_captures += 1
         return _Graph(graph, hidden)
