@@ -181,8 +181,8 @@ def run(quick: bool, model: str | None = None, members: int | None = None, per_m
         t = 16 if quick else 32
         names = ["tinier-llama"] if quick else ["tiny-llama"]
         reps, loop_reps, loop_n = (1, 1, None) if quick else (2, 1, None)
-    if model == "demo-model":  # the demo's ES step: N = 32, 64 problems, 6 new tokens
-        n, p, t = 32, 64, 6
+    if model == "demo-model":  # the demo's ES step: N = 32, 64 problems of 8 tokens, 6 new tokens
+        n, p, t, prompt_len = 32, 64, 6, 8
     names = [model] if model else names
     members, per_member, max_tokens = members or n, per_member or p, max_tokens or t
     loop_members = loop_members or loop_n
