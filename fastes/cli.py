@@ -139,7 +139,8 @@ def load_train_config(config_file: str | None, overrides: list[str]) -> tuple[An
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     config, is_demo = load_train_config(args.config, overrides)
     if args.dry_run:
-        from fastes.es.trainer import plan_memory, resolve_task
+        from fastes.es.memory_plan import plan_memory
+        from fastes.es.runtime import resolve_task
 
         resolve_task(config.task, config.task_options)  # a bad task name or option fails here, not mid-run
         plan = plan_memory(config)

@@ -12,12 +12,10 @@ makes resume bit-identical (see fastes.es.checkpoint).
 
 from __future__ import annotations
 
-import hashlib
-import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,88 +24,11 @@ import torch
 from fastes.es import checkpoint as ckpt
 from fastes.es.config import TrainConfig
 from fastes.es.distributed import Distributed, NullLogger
+from fastes.es.evaluation import RewardPairs, encode_prompts, evaluate
 from fastes.es.logger import RunLogger, truncate_metrics
+from fastes.es.memory_plan import plan_memory
 from fastes.es.optim import AskTell
-
-RewardPairs = list[tuple[Callable[..., Any], float]]
-
-
-def derive_seed(seed: int, step: int, purpose: str) -> int:
-    """A 64-bit seed from (run seed, step, purpose): independent streams without stored RNG state."""
-    digest = hashlib.blake2b(f"fastes/{purpose}/{seed}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def resolve_task(name: str, options: dict[str, Any]) -> Any:
-    """A registered task (``countdown``) or a user's ``module:factory`` / ``file.py:factory`` returning a Task."""
-    if ":" in name:
-        from fastes.es.rewards import load_reward
-
-        factory = load_reward(name)
-        try:
-            return factory(**options)
-        except TypeError as err:
-            raise ValueError(f"task {name!r}: bad options {sorted(options)}: {err}") from None
-    from fastes.es.tasks import get_task
-
-    return get_task(name, **options)
-
-
-def encode_prompts(engine: Any, task: Any, examples: Sequence[Any], use_chat_template: bool) -> list[list[int]]:
-    """Token ids of each example's prompt; the chat template carries the task's system prompt, if any."""
-    tok = engine.tokenizer
-    if not use_chat_template:
-        return [tok.encode(e.prompt) for e in examples]
-    system = getattr(task, "system_prompt", None)
-    return [tok.encode_chat(e.prompt, system=system) for e in examples]
-
-
-def evaluate(engine: Any, task: Any, examples: list[Any], rewards: RewardPairs, sampling: Any,
-             use_chat_template: bool = False) -> dict[str, Any]:
-    """Generate once per example with the unperturbed model; eval/accuracy (task.is_correct) and eval/reward."""
-    from fastes.es.rewards import score_completions
-    from fastes.es.tasks.base import collate_columns
-
-    t0 = time.perf_counter()
-    prompts = [e.prompt for e in examples]
-    outs = engine.generate(encode_prompts(engine, task, examples, use_chat_template), sampling=sampling)
-    texts = [outs[0][i][0].text for i in range(len(prompts))]
-    correct = [bool(task.is_correct(t, e)) for t, e in zip(texts, examples, strict=True)]
-    scores, stats = score_completions(rewards, texts, prompts, collate_columns(examples))
-    return {"eval/accuracy": sum(correct) / len(correct), "eval/reward": sum(scores) / len(scores),
-            "eval/errors": stats.get("reward/errors", 0.0), "eval/time_s": time.perf_counter() - t0}
-
-
-SMALL_HIDDEN = 1024
-
-
-def cpu_threads_for(model_dir: Path) -> None:
-    """One intra-op thread for small models on CPU, unless OMP_NUM_THREADS says otherwise.
-
-    Their matmuls are too small to split: on a 2-core machine one demo-model population
-    generate took 2.4 s with one thread and 8.1 s with two (thread synchronization).
-    """
-    import json
-    import os
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    try:
-        hidden = int(json.loads((model_dir / "config.json").read_text()).get("hidden_size", 0))
-    except (OSError, ValueError, TypeError):
-        return
-    if 0 < hidden <= SMALL_HIDDEN:
-        torch.set_num_threads(1)
+from fastes.es.runtime import cpu_threads_for, derive_seed, resolve_device, resolve_dtype, resolve_task
 
 
 class Trainer:
@@ -405,61 +326,6 @@ class Trainer:
         finally:
             logger.close()
         return dict(logger.last, step=step)
-
-
-def _gb(nbytes: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{int(nbytes)} B"
-
-
-def plan_memory(config: TrainConfig) -> list[tuple[str, str]]:
-    """(item, amount) lines of the memory a run will hold, from config.json alone (no weights are read)."""
-    from fastes.engine.engine import CPU_KV_TOKENS
-    from fastes.models import perturbed_names
-    from fastes.models.config import ModelConfig, read_config_json
-    from fastes.models.lora import adapter_names, target_weights
-
-    if not Path(config.model).is_dir():
-        raise ValueError(f"model directory {config.model!r} not found")
-    mc = ModelConfig.from_dict(read_config_json(config.model))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    esize = torch.finfo(dtype).bits // 8
-    shapes = mc.param_shapes()
-    numel = {n: math.prod(s) for n, (s, _) in shapes.items()}
-    pop_cfg, lora = config.population, config.lora
-    lora_names: dict[str, str] = {}
-    if pop_cfg.mode == "lora":
-        for base in target_weights(shapes, lora.targets):
-            name_a, name_b = adapter_names(base)
-            out_f, in_f = shapes[base][0]
-            numel[name_a], numel[name_b] = lora.rank * in_f, out_f * lora.rank
-            lora_names.update({name_a: base, name_b: base})
-    population = AskTell.population_of(config, 0)
-    perturbed = perturbed_names(shapes, population, lora_names)
-    n_pert = sum(numel[n] for n in perturbed)
-    slots = {"sgd": 0, "momentum": 1, "adam": 2}[config.optim.name]
-    if config.kv_cache_tokens is not None or device == "cpu":
-        tokens = config.kv_cache_tokens or CPU_KV_TOKENS
-        kv = _gb(tokens * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * esize) + f" ({tokens} tokens)"
-    else:
-        kv = "sized from free GPU memory at start (set kv_cache_tokens to fix it)"
-    seqs = population.size * config.prompts_per_step * config.samples_per_prompt
-    if not config.same_prompts:
-        seqs *= population.num_noise
-    base = sum(v for n, v in numel.items() if n not in lora_names)
-    lines = [("model", f"{mc.model_type}, {base:,} parameters, {str(dtype).replace('torch.', '')}, {device}"),
-             ("weights", _gb(base * esize)), ("KV pool", kv),
-             ("perturbed", f"{len(perturbed)} tensors, {n_pert / 1e6:.2f}M elements ({pop_cfg.mode} mode)"),
-             ("population noise", f"0 B (regenerated from counters for {population.size} members)"),
-             ("optimizer state", f"{_gb(4 * slots * n_pert)} ({config.optim.name})"),
-             ("update scratch", f"<= {_gb(4 * max((numel[n] for n in perturbed), default=0))} (fp32, one tensor)"),
-             ("rollouts per step", f"{seqs} sequences of <= {config.sampling.max_tokens} new tokens")]
-    if lora_names:
-        lines.insert(2, ("LoRA adapters", _gb(sum(numel[n] for n in lora_names) * esize)))
-    return lines
 
 
 __all__ = ["Trainer", "AskTell", "evaluate", "plan_memory", "derive_seed", "resolve_task", "resolve_device",
