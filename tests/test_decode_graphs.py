@@ -12,7 +12,7 @@ import torch
 from tiny_model import random_hf_model
 
 from fastes import Engine, Population, SamplingParams
-from fastes.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from fastes.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, graph_batch_sizes
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,3 +121,22 @@ def test_cuda_graphs_need_cuda(model_dir):
     with pytest.raises(ValueError, match="max_graph_batch"):
         _engine(model_dir, max_graph_batch=0)
     assert _engine(model_dir).decode_graphs is None
+
+
+def test_a_failed_capture_warns_and_decodes_eagerly(model_dir):
+    """A capture that fails (after its warm-up wrote the step's K/V) must not lose or change any token."""
+
+    class Failing(DecodeGraphs):
+        def _capture(self, size):
+            self._forward(size)  # the warm-up
+            raise GraphCaptureError("capture failed")
+
+    pop = Population(size=2, sigma=3e-2, seed=1)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    want = _tokens(_engine(model_dir).generate(PROMPTS, greedy, population=pop))
+    engine = _engine(model_dir)
+    engine.decode_graphs = Failing(engine.model, engine.kv_cache, 64, capture=False)
+    with pytest.warns(RuntimeWarning, match="capture failed; decoding without CUDA graphs"):
+        got = _tokens(engine.generate(PROMPTS, greedy, population=pop))
+    assert got == want
+    assert engine.decode_graphs is None

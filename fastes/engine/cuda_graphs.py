@@ -49,6 +49,10 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return [s for s in sizes if s < max_batch] + [max_batch]
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured; the engine warns and decodes eagerly from then on."""
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph | None  # None: eager replay (capture=False)
@@ -154,12 +158,15 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a background thread's CUDA call (e.g. the NCCL watchdog in a distributed run) must
-        # not invalidate this capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            hidden = self._forward(size)
+        try:
+            # thread_local: a background thread's CUDA call (e.g. the NCCL watchdog in a distributed run) must
+            # not invalidate this capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                hidden = self._forward(size)
+        except RuntimeError as err:  # the warm-up ran: this step's K/V are written and eager decode can go on
+            raise GraphCaptureError(f"CUDA-graph capture of a {size}-sequence decode step failed: {err}") from err
         self.num_captures += 1
         return _Graph(graph, hidden)
 
 
-__all__ = ["DEFAULT_MAX_GRAPH_BATCH", "DecodeGraphs", "graph_batch_sizes"]
+__all__ = ["DEFAULT_MAX_GRAPH_BATCH", "DecodeGraphs", "GraphCaptureError", "graph_batch_sizes"]

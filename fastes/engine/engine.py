@@ -12,6 +12,7 @@ import json
 import math
 import operator
 import os
+import warnings
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from fastes.engine.attention_batch import build_attention_batch
 from fastes.engine.block_manager import BlockManager
 from fastes.engine.cpu_heap import limit_cpu_heap_growth
-from fastes.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs
+from fastes.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs, GraphCaptureError
 from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
 from fastes.engine.sampling import MAX_SAMPLES, SamplingParams, prompt_keys, sample
 from fastes.engine.scheduler import Chunk, Scheduler
@@ -183,9 +184,10 @@ class Engine:
 
     def _run(self, seqs: list[Sequence], pert: Perturbation | None, bar: _Progress | None) -> list[Sequence]:
         self.manager.reset()
-        if self.decode_graphs is not None:
-            self.decode_graphs.begin(pert)
-            replays = self.decode_graphs.num_replays
+        graphs = self.decode_graphs
+        if graphs is not None:
+            graphs.begin(pert)
+            replays = graphs.num_replays
         scheduler = Scheduler(self.manager, self.max_num_seqs, self.max_num_batched_tokens)
         for seq in seqs:
             scheduler.add(seq)
@@ -231,7 +233,7 @@ class Engine:
             if bar is not None:
                 bar.advance(advance)
         self.last_stats = {"steps": steps, "tokens": tokens, "preemptions": scheduler.num_preemptions,
-                           "graph_steps": self.decode_graphs.num_replays - replays if self.decode_graphs else 0}
+                           "graph_steps": graphs.num_replays - replays if graphs else 0}
         return finished
 
     def _forward(self, chunks: list[Chunk], pert: Perturbation | None) -> torch.Tensor:
@@ -240,7 +242,11 @@ class Engine:
                                                                           for c in chunks):
             tables = [self.manager.block_table(c.seq.seq_id) for c in chunks]
             if graphs.fits(len(chunks), max(len(t) for t in tables)):
-                return self._forward_graph(chunks, tables, pert)
+                try:
+                    return self._forward_graph(chunks, tables, pert)
+                except GraphCaptureError as err:
+                    warnings.warn(f"{err}; decoding without CUDA graphs from now on", RuntimeWarning, stacklevel=2)
+                    self.decode_graphs = None
         attn, positions = build_attention_batch(self.manager, [(c.seq.seq_id, c.start, c.end) for c in chunks],
                                                 self.device)
         ids = [t for c in chunks for t in c.seq.tokens[c.start : c.end]]
