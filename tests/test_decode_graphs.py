@@ -140,3 +140,21 @@ def test_a_failed_capture_warns_and_decodes_eagerly(model_dir):
         got = _tokens(engine.generate(PROMPTS, greedy, population=pop))
     assert got == want
     assert engine.decode_graphs is None
+
+
+def test_triton_engine_with_padded_buffers_equals_cpu_engine(model_dir):
+    """The whole Triton path of the engine (embedding, perturbed linears, KV write, prefill and split-KV decode
+    attention) run by the interpreter, with decode steps through the padded static buffers the GPU captures:
+    padded rows have seq_len 0, slot -1 and member -1. Greedy tokens must equal the CPU engine's."""
+    if torch.cuda.is_available():
+        pytest.skip("runs the Triton interpreter on CPU tensors; test_engine_gpu.py covers CUDA")
+    pop = Population(size=3, sigma=3e-2, seed=5, mode="lowrank", rank=2, perturb_1d=True, antithetic=False)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    prompts = PROMPTS[:3]
+    want = _tokens(_engine(model_dir).generate(prompts, greedy, population=pop))
+    engine = _engine(model_dir, 16, backend="triton")  # 9 sequences decode in bucket 10: one padded row
+    assert _tokens(engine.generate(prompts, greedy, population=pop)) == want
+    assert engine.last_stats["graph_steps"] == greedy.max_tokens - 1
+    want = _tokens(_engine(model_dir).generate(PROMPTS * 2 + [PROMPTS[0]], greedy))
+    engine = _engine(model_dir, 16, backend="triton")  # unperturbed: 9 sequences, bucket 10
+    assert _tokens(engine.generate(PROMPTS * 2 + [PROMPTS[0]], greedy)) == want

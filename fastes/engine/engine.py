@@ -54,7 +54,10 @@ class Engine:
         if model.device.type == "cpu":
             limit_cpu_heap_growth()
         self.device = model.device
+        if backend not in ("auto", "reference", "cpu", "triton"):
+            raise ValueError(f"backend must be one of auto, reference, cpu, triton; got {backend!r}")
         self.backend = backend
+        model.backend = backend  # the engine's choice holds for unperturbed forwards and attention too
         self.block_size = block_size
         on_gpu = self.device.type == "cuda"
         self.max_num_seqs = max_num_seqs or (1024 if on_gpu else 4096)

@@ -88,6 +88,7 @@ class CausalLM:
         self.lora: dict[str, tuple[str, str]] = {}  # base weight name -> (A name, B name)
         self.lora_scaling = 1.0
         self._scales: dict[str, float] | None = None
+        self.backend = "auto"  # of the ops when no perturbation names one, and of attention (cpu -> torch)
         first = params["model.embed_tokens.weight"]
         self._inv_freq = inv_freq(config).to(first.device)
         self._inv_freq_local = inv_freq(config, local=True).to(first.device) if config.local_rope_theta else None
@@ -205,7 +206,7 @@ class CausalLM:
         """Keyword arguments of a population op for parameter ``name``: noise=None when not perturbed."""
         if pert is None or not pert.perturbs(name, ndim, role):
             return {"noise": None, "sigma": 0.0, "scale": 1.0, "mode": "full", "rank": 1,
-                    "backend": pert.backend if pert is not None else "auto"}
+                    "backend": pert.backend if pert is not None else self.backend}
         return {"noise": pert.noise, "sigma": pert.sigma, "scale": pert.scale(name), "mode": pert.mode,
                 "rank": pert.rank, "num_members": pert.num_members, "backend": pert.backend}
 
@@ -245,7 +246,7 @@ class CausalLM:
             return lora_linear(x, weight, bias, self.params[name_a], self.params[name_b], self.lora_scaling,
                                rows.member, pert.noise if perturbed else None, pert.sigma if perturbed else 0.0,
                                name_a, name_b, pert.num_members if perturbed else None,
-                               pert.backend if pert is not None else "auto")
+                               pert.backend if pert is not None else self.backend)
         bias_noise = (bias is not None and pert is not None and rows.member is not None
                       and pert.perturbs(bname, 1, "bias"))
         args = self._op_args(wname, 2, "matrix", pert)
@@ -268,9 +269,10 @@ class CausalLM:
             k = self._norm(k, p + "k_norm.weight", rows, pert)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv
-        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        backend = "torch" if self.backend == "cpu" else self.backend
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping, backend)
         out = paged_attention(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
-                              cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len)
+                              cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len, backend)
         return self._linear(out.reshape(tokens, cfg.q_size), p + "o_proj.", rows, pert)
 
     def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
