@@ -13,6 +13,7 @@ from tiny_model import random_hf_model
 
 from fastes import Engine, Population, SamplingParams
 from fastes.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, graph_batch_sizes
+from fastes.models import Perturbation
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,3 +159,14 @@ def test_triton_engine_with_padded_buffers_equals_cpu_engine(model_dir):
     want = _tokens(_engine(model_dir).generate(PROMPTS * 2 + [PROMPTS[0]], greedy))
     engine = _engine(model_dir, 16, backend="triton")  # unperturbed: 9 sequences, bucket 10
     assert _tokens(engine.generate(PROMPTS * 2 + [PROMPTS[0]], greedy)) == want
+
+
+def test_a_shrinking_batch_reuses_a_bigger_graph_up_to_twice_its_size(model_dir):
+    engine = _engine(model_dir, 64)
+    graphs = engine.decode_graphs
+    graphs.begin(None)
+    assert graphs.size_for(20) == 20
+    graphs._graphs[(None, 20)] = object()  # as if captured
+    assert [graphs.size_for(n) for n in (19, 12, 10, 9, 21)] == [20, 20, 20, 10, 24]
+    graphs.begin(Perturbation(Population(size=2, seed=0)))  # another perturbation: its own graphs only
+    assert graphs.size_for(12) == 12

@@ -10,7 +10,8 @@ logits buffer (vLLM splits it the same way).
 
 Noise keys (seed, step), σ and per-tensor scales are kernel arguments baked into a capture,
 so graphs belong to one Perturbation: a generate with a new one (every ES step) captures
-again, lazily, only the buckets it uses (one warm-up forward and one capture each). The
+again, lazily, only the sizes it uses (one warm-up forward and one capture each; a shrinking
+batch reuses a captured size up to twice its own before capturing a smaller one). The
 unperturbed model's graphs are kept across calls while the parameter tensors stay the same
 (``engine.update`` writes in place; replaced tensors or new adapters drop every graph).
 
@@ -97,6 +98,17 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"{num_seqs} sequences exceed the largest graph batch {self.max_batch}")
 
+    def size_for(self, num_seqs: int) -> int:
+        """The graph size a batch runs in: its bucket, or a bigger graph already captured for this perturbation
+        if it is at most twice the batch. A batch shrinking as sequences stop then captures ~log2 sizes, not
+        every bucket on the way down (each capture costs a warm-up forward and the capture itself)."""
+        size = self.bucket(num_seqs)
+        pid = id(self._pert) if self._pert is not None else None
+        if (pid, size) in self._graphs:
+            return size
+        bigger = [s for p, s in self._graphs if p == pid and size < s <= 2 * num_seqs]
+        return min(bigger, default=size)
+
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         return 0 < num_seqs <= self.max_batch and max_blocks <= self.max_blocks_per_seq
 
@@ -114,7 +126,8 @@ class DecodeGraphs:
             seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay."""
         num_seqs = len(input_ids)
-        size = self.bucket(num_seqs)
+        pid = id(self._pert) if self._pert is not None else None
+        size = self.size_for(num_seqs)
         pad = size - num_seqs
         width = max(len(t) for t in block_tables)
         host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, members + [-1] * pad,
@@ -126,7 +139,7 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(host[4], non_blocking=True)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
-        key = (id(self._pert) if self._pert is not None else None, size)
+        key = (pid, size)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(size)
