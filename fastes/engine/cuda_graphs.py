@@ -86,6 +86,7 @@ class DecodeGraphs:
         self._pool: object | None = None
         self.num_captures = 0
         self.num_replays = 0
+        self.num_padded_rows = 0
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -144,6 +145,7 @@ class DecodeGraphs:
         if entry is None:
             entry = self._graphs[key] = self._capture(size)
         self.num_replays += 1
+        self.num_padded_rows += pad
         if entry.graph is None:
             return self._forward(size)[:num_seqs]
         entry.graph.replay()
