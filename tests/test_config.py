@@ -57,6 +57,7 @@ def test_overrides_convert_by_field_type():
     assert config.progress is True and config.population.sigma == 0.5 and config.seed == 3
     assert config.sampling.max_tokens == 33  # unique section key without its section, dashes allowed
     assert config.optim.betas == [0.5, 0.6] and config.rewards == [{"func": "m:f", "weight": 1.0}]
+    assert config.cuda_graphs is None and build().replace(["--cuda_graphs", "false"]).cuda_graphs is False
 
 
 def test_override_beats_yaml_and_keeps_the_rest(tmp_path):
@@ -117,6 +118,7 @@ def test_type_errors(data, overrides, expected):
     ({"prompts_per_step": 0}, "prompts_per_step must be >= 1"),
     ({"dtype": "fp8"}, "dtype must be one of"),
     ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+    ({"device": "cpu", "cuda_graphs": True}, "cuda_graphs must be false or null on device cpu"),
     ({"sampling": {"top_p": 0.0}}, "sampling: top_p"),
     ({"rewards": [{"func": "nocolon"}]}, "rewards[0].func must be 'module:function'"),
     ({"rewards": [{"func": "m:f", "wieght": 2}]}, "rewards[0] must be"),

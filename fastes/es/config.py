@@ -128,6 +128,7 @@ class TrainConfig:
     kv_cache_tokens: int | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    cuda_graphs: bool | None = None  # decode from CUDA graphs; null: on for CUDA devices, false: always eager
     progress: bool = True
     tensorboard: bool = True
     population: PopulationConfig = field(default_factory=PopulationConfig)
@@ -313,6 +314,7 @@ _UNIT = (lambda v, _c: 0 <= v < 1), "in [0, 1)"
 _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("dtype", *_one_of(DTYPES)),
     ("device", lambda v, _c: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
+    ("cuda_graphs", lambda v, c: v is not True or c.device != "cpu", "false or null on device cpu"),
     ("seed", lambda v, _c: 0 <= v < 2**64, "in [0, 2**64)"),
     ("steps", *_AT_LEAST_0), ("eval_every", *_AT_LEAST_0), ("eval_size", *_AT_LEAST_0),
     ("save_every", *_AT_LEAST_0), ("prompts_per_step", *_AT_LEAST_1), ("samples_per_prompt", *_AT_LEAST_1),

@@ -112,6 +112,7 @@ class Trainer:
             kv_cache_tokens=cfg.kv_cache_tokens,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs,
+            cuda_graphs=cfg.cuda_graphs if str(device).startswith("cuda") else False,
         )
 
     def _restore(self) -> None:
