@@ -80,9 +80,9 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     group = q_heads // kv_heads
     max_q, max_len = int(q_lens.max()), int(seq_lens.max())
     num_blocks = -(-max_len // block_size)
-    tables = block_tables[:, :num_blocks].clamp_min(0).long()
-    keys = k_cache[tables].reshape(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
-    values = v_cache[tables].reshape(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
+    tables = block_tables[:, :num_blocks].clamp_min(0).long().reshape(-1)  # index_select: ~2x advanced indexing
+    keys = k_cache.index_select(0, tables).view(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
+    values = v_cache.index_select(0, tables).view(num_seqs, num_blocks * block_size, kv_heads, dim)[:, :max_len].float()
     offs = torch.arange(max_q, device=q.device)
     valid_q = offs.unsqueeze(0) < q_lens.unsqueeze(1)  # [S, max_q]
     rows = (q_start.unsqueeze(1) + offs.unsqueeze(0)).clamp(max=total_rows - 1)
