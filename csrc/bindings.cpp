@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "attention.h"
 #include "noise.h"
 #include "philox.h"
 #include "stochastic_round.h"
@@ -287,6 +288,36 @@ bool has_cuda() {
 
 }  // namespace
 
+// Paged attention on CPU, float32 (see attention.h); writes and returns `out`.
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                              const torch::Tensor& cu_seqlens_q, const torch::Tensor& seq_lens,
+                              const torch::Tensor& block_tables, double scale, torch::Tensor out, int64_t window,
+                              int64_t num_threads) {
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&q, &k_cache, &v_cache, &out})
+    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kFloat32)
+      throw py::value_error("paged_attention: q, k_cache, v_cache and out must be float32 CPU tensors");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&cu_seqlens_q, &seq_lens, &block_tables})
+    if (t->device().type() != torch::kCPU || t->scalar_type() != torch::kInt32 || !t->is_contiguous())
+      throw py::value_error("paged_attention: cu_seqlens_q, seq_lens and block_tables must be contiguous int32 CPU");
+  if (q.dim() != 3 || k_cache.dim() != 4 || !k_cache.is_contiguous() || !v_cache.is_contiguous() ||
+      k_cache.sizes() != v_cache.sizes() || q.size(2) != k_cache.size(3) || q.stride(2) != 1)
+    throw py::value_error("paged_attention: q must be [T, heads, D] (D contiguous), caches contiguous and alike");
+  if (!out.is_contiguous() || out.sizes() != q.sizes()) throw py::value_error("paged_attention: bad out");
+  const int64_t num_seqs = seq_lens.numel();
+  if (cu_seqlens_q.numel() != num_seqs + 1 || block_tables.dim() != 2 || block_tables.size(0) != num_seqs)
+    throw py::value_error("paged_attention: cu_seqlens_q must have S+1 entries and block_tables S rows");
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  if (num_seqs > 0 && (cu[0] != 0 || cu[num_seqs] > q.size(0)))
+    throw py::value_error("paged_attention: cu_seqlens_q must start at 0 and end within q's rows");
+  const char* err = fastes_paged_attention_cpu(
+      q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), cu, seq_lens.data_ptr<int32_t>(),
+      block_tables.data_ptr<int32_t>(), num_seqs, block_tables.size(1), k_cache.size(0), q.size(1),
+      k_cache.size(2), q.size(2), k_cache.size(1), q.stride(0), q.stride(1), (float)scale, window,
+      out.data_ptr<float>(), resolve_threads(num_threads));
+  if (err != nullptr) throw py::value_error(std::string("paged_attention: ") + err);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastes C++/CUDA kernels (noise contract of DESIGN.md section 2; reference: fastes.noise)";
   m.attr("KIND_GAUSSIAN") = FASTES_KIND_GAUSSIAN;
@@ -321,6 +352,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Box-Muller of int64 words [..., 4] -> float32 [..., 4] (CPU), like fastes.noise.gaussian_from_words.");
   m.def("philox4x32_raw", &philox4x32_raw, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         py::arg("k0"), py::arg("k1"), "Philox4x32-10 of one counter and key -> 4 uint32 (known-answer tests).");
+  m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cu_seqlens_q"), py::arg("seq_lens"), py::arg("block_tables"), py::arg("scale"), py::arg("out"),
+        py::arg("window") = 0, py::arg("num_threads") = 0,
+        "Causal GQA attention of packed float32 queries over the paged CPU KV cache (fastes.ops.attention "
+        "layout); window 0: none. Rows of sequences with seq_len 0 get zeros. Returns `out`.");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels were compiled in.");
   m.def("num_threads", []() { return at::get_num_threads(); }, "Threads CPU kernels use by default.");
 }

@@ -88,7 +88,7 @@ class CausalLM:
         self.lora: dict[str, tuple[str, str]] = {}  # base weight name -> (A name, B name)
         self.lora_scaling = 1.0
         self._scales: dict[str, float] | None = None
-        self.backend = "auto"  # of the ops when no perturbation names one, and of attention (cpu -> torch)
+        self.backend = "auto"  # of the ops when no perturbation names one, and of attention
         first = params["model.embed_tokens.weight"]
         self._inv_freq = inv_freq(config).to(first.device)
         self._inv_freq_local = inv_freq(config, local=True).to(first.device) if config.local_rope_theta else None
@@ -269,7 +269,7 @@ class CausalLM:
             k = self._norm(k, p + "k_norm.weight", rows, pert)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv
-        backend = "torch" if self.backend == "cpu" else self.backend
+        backend = self.backend
         write_kv(k, v, k_cache, v_cache, attn.slot_mapping, backend)
         out = paged_attention(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
                               cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len, backend)

@@ -12,8 +12,9 @@ sequence s sits at position p = seq_lens[s] − q_len_s + i and attends causally
 positions 0..p (and only to p − window < pos when ``sliding_window`` is set). GQA:
 query head h reads kv head h // (q_heads // kv_heads). Decode is q_len = 1.
 
-This file holds the torch reference (a per-sequence loop: the oracle), a vectorized
-torch path (the CPU backend) and the dispatchers; the Triton kernels live
+This file holds the torch reference (a per-sequence loop: the oracle), the launcher of the
+C++ kernel (csrc/attention_cpu.cpp, the CPU backend for float32), a vectorized torch path
+(the CPU fallback: other dtypes, or no extension) and the dispatchers; the Triton kernels live
 beside them in attention_triton.py (CUDA, and the interpreter in tests).
 """
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+from fastes import _backend
+
+BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -154,4 +157,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                       sliding_window, max_q_len)
     if backend == "reference":
         return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
+    if backend in ("auto", "cpu"):
+        out = paged_attention_cpp(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
+        if out is not None:
+            return out
     return paged_attention_torch(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
+
+
+def paged_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor | None:
+    """The C++ kernel of fastes._C (float32 CPU tensors, contiguous caches), or None where it does not apply.
+
+    Each query row reads its K/V straight from the block pool: nothing is gathered or padded, and a
+    row's result does not depend on the rest of the batch.
+    """
+    ext = _backend.extension()
+    if (ext is None or not hasattr(ext, "paged_attention") or q.is_cuda or q.dtype != torch.float32
+            or k_cache.dtype != torch.float32 or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        return None
+    out = torch.empty(q.shape, dtype=torch.float32)
+    return ext.paged_attention(q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache,
+                               cu_seqlens_q.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(),
+                               block_tables.to(torch.int32).contiguous(), float(scale), out,
+                               int(sliding_window) if sliding_window is not None else 0)
