@@ -226,6 +226,28 @@ def test_sampling_seed_reproducible_and_progress_bar(models):
     assert run(6) != first
 
 
+def test_member_prompts_generate_each_members_own_batch(models):
+    """A member given its own prompt indices samples what it samples when it generates every prompt."""
+    path, _ = models["qwen3"]
+    engine = _engine(path)
+    pop = Population(size=4, sigma=3e-2, seed=2)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=8)
+    every = engine.generate(PROMPTS, params, population=pop, samples_per_prompt=2)
+    every_tokens = engine.last_stats["tokens"]
+    chosen = [[0, 1], [0, 1], [3, 2], [2]]
+    own = engine.generate(PROMPTS, params, population=pop, samples_per_prompt=2, member_prompts=chosen)
+    assert [len(per_member) for per_member in own] == [2, 2, 2, 1]
+    for m, indices in enumerate(chosen):
+        assert _ids(own, m) == [_ids(every, m)[p] for p in indices]
+    assert engine.last_stats["tokens"] < 0.6 * every_tokens  # 7 of the 16 (member, prompt) pairs ran
+    share = engine.generate(PROMPTS, params, population=pop, samples_per_prompt=2, members=[3, 1],
+                            member_prompts=[[2], [0, 1]])
+    assert _ids(share, 0) == [_ids(every, 3)[2]] and _ids(share, 1) == _ids(every, 1)[:2]
+    for bad in ([[0]] * 3, [[0], [1], [], [2]], [[0], [1], [9], [2]], "0123", [[0], [1], [0.5], [2]]):
+        with pytest.raises(ValueError, match="member_prompts"):
+            engine.generate(PROMPTS, params, population=pop, member_prompts=bad)
+
+
 def _next_token_probs(hf: torch.nn.Module, prompt: list[int], temperature: float) -> torch.Tensor:
     with torch.no_grad():
         logits = hf(torch.tensor([prompt])).logits[0, -1].double()

@@ -8,7 +8,6 @@ noise; ``perturbation`` returns one member's dense σ·s·E_m for inspection and
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import os
@@ -23,6 +22,7 @@ from fastes.engine.block_manager import BlockManager
 from fastes.engine.cpu_heap import limit_cpu_heap_growth
 from fastes.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs, GraphCaptureError
 from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
+from fastes.engine.request import generation_config_eos, member_prompt_indices, token_ids
 from fastes.engine.sampling import MAX_SAMPLES, SamplingParams, prompt_keys, sample
 from fastes.engine.scheduler import Chunk, Scheduler
 from fastes.engine.sequence import Completion, Sequence, Status
@@ -83,7 +83,7 @@ class Engine:
         self.decode_graphs = (DecodeGraphs(model, self.kv_cache, min(max_graph_batch, self.max_num_seqs))
                               if cuda_graphs else None)
         self.manager = BlockManager(num_blocks, block_size)
-        eos = set(model.config.eos_token_ids) | set(_generation_config_eos(model.source_dir))
+        eos = set(model.config.eos_token_ids) | set(generation_config_eos(model.source_dir))
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
@@ -114,7 +114,7 @@ class Engine:
                     raise ValueError("text prompts need a tokenizer; this model directory has none (pass token ids)")
                 ids = (self.tokenizer.encode_chat(prompt) if use_chat_template else self.tokenizer.encode(prompt))
             else:
-                ids = _token_ids(prompt)
+                ids = token_ids(prompt)
                 if ids is None or any(not 0 <= t < vocab for t in ids):
                     raise ValueError(f"prompt {i} must hold integer token ids in [0, {vocab})")
             if not ids:
@@ -127,11 +127,15 @@ class Engine:
     def generate(self, prompts: Seq[str] | Seq[Seq[int]], sampling: SamplingParams | None = None,
                  population: Population | None = None, step: int = 0, samples_per_prompt: int = 1,
                  use_chat_template: bool = False, progress: bool = False,
-                 members: Seq[int] | None = None) -> Outputs:
+                 members: Seq[int] | None = None, member_prompts: Seq[Seq[int]] | None = None) -> Outputs:
         """outs[member][prompt][sample] -> Completion; population None runs the unperturbed model (one member).
 
         ``members`` generates only those members of ``population`` (a rank's share in a multi-process run):
         outs is then indexed in the order of ``members``; their noise is the same as in the full population.
+        ``member_prompts`` gives each member (in that order) its own list of indices into ``prompts``
+        (an ES step with a prompt batch per noise index); outs[m][j] is then member m's j-th prompt.
+        Sampling depends on a prompt's content, not its position, so a member's completions are the
+        same as when it generates every prompt.
         """
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
@@ -162,15 +166,17 @@ class Engine:
                 raise ValueError(f"members must be distinct, got {members}")
         else:
             members = list(range(population.size)) if population else [-1]
+        chosen = member_prompt_indices(member_prompts, len(members), len(token_prompts))
         pert = (Perturbation.for_model(self.model, population, step, self.backend, tuple(members))
                 if population else None)
         slots = {member: i for i, member in enumerate(members)}
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         keys = prompt_keys(token_prompts)
         seqs: list[Sequence] = []
-        for member in members:
-            for p, ids in enumerate(token_prompts):
-                seqs.append(Sequence(seq_id=len(seqs), member=member, prompt_index=p, sample_index=0,
+        for member, indices in zip(members, chosen, strict=True):
+            for j, p in enumerate(indices):
+                ids = token_prompts[p]
+                seqs.append(Sequence(seq_id=len(seqs), member=member, prompt_index=j, sample_index=0,
                                      prompt_len=len(ids), tokens=list(ids), params=sampling, seed=seed,
                                      fork_into=list(range(1, samples_per_prompt)), prompt_key=keys[p]))
         bar = _Progress(len(seqs) * samples_per_prompt * sampling.max_tokens) if progress else None
@@ -179,7 +185,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
-        outs: Outputs = [[[None] * samples_per_prompt for _ in token_prompts] for _ in members]  # type: ignore[misc]
+        outs: Outputs = [[[None] * samples_per_prompt for _ in indices] for indices in chosen]  # type: ignore[misc]
         for seq in results:
             outs[slots[seq.member]][seq.prompt_index][seq.sample_index] = Completion(
                 token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length")
@@ -349,33 +355,6 @@ class Engine:
     def save_pretrained(self, out_dir: str | Path) -> Path:
         save_model(self.model, out_dir)
         return Path(out_dir)
-
-
-def _token_ids(prompt: object) -> list[int] | None:
-    """A prompt's ids as Python ints (numpy / torch integers accepted), or None if it is not integers."""
-    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
-        return None
-    ids = []
-    for t in prompt:  # type: ignore[attr-defined]
-        if isinstance(t, bool):
-            return None
-        try:
-            ids.append(operator.index(t))
-        except TypeError:
-            return None
-    return ids
-
-
-def _generation_config_eos(source_dir: Path | None) -> list[int]:
-    """EOS ids of generation_config.json: what HF generate stops on (instruct models list several)."""
-    if source_dir is None or not (source_dir / "generation_config.json").is_file():
-        return []
-    try:
-        value = json.loads((source_dir / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return []
-    values = value if isinstance(value, list) else [value]
-    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 class _Progress:

@@ -118,7 +118,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 100
     prompts_per_step: int = 8
-    same_prompts: bool = True  # false: a batch per noise index (generated for every member today: N/2x rollouts)
+    same_prompts: bool = True  # false: a batch per noise index (its two antithetic members share it)
     samples_per_prompt: int = 1
     eval_every: int = 10
     eval_size: int = 64

@@ -51,9 +51,7 @@ def plan_memory(config: TrainConfig) -> list[tuple[str, str]]:
         kv = _gb(tokens * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * esize) + f" ({tokens} tokens)"
     else:
         kv = "sized from free GPU memory at start (set kv_cache_tokens to fix it)"
-    seqs = population.size * config.prompts_per_step * config.samples_per_prompt
-    if not config.same_prompts:
-        seqs *= population.num_noise
+    seqs = population.size * config.prompts_per_step * config.samples_per_prompt  # same_prompts or not
     base = sum(v for n, v in numel.items() if n not in lora_names)
     lines = [("model", f"{mc.model_type}, {base:,} parameters, {str(dtype).replace('torch.', '')}, {device}"),
              ("weights", _gb(base * esize)), ("KV pool", kv),

@@ -184,7 +184,10 @@ class Trainer:
         prompts = [self._prompt_ids(i) for batch in batches for i in batch]
         sampling = cfg.sampling_params(seed=derive_seed(cfg.seed, step, "sampling"))
         members = self.dist.members(pop) if self.dist else list(range(pop.size))
-        share = {"members": members} if self.dist else {}  # a rank generates its share of the population
+        share: dict[str, Any] = {"members": members} if self.dist else {}  # a rank generates its share
+        if not cfg.same_prompts:  # each member generates only its own noise index's batch
+            share["member_prompts"] = [range(self._member_batch(m) * per, (self._member_batch(m) + 1) * per)
+                                       for m in members]
         outs = self.engine.generate(prompts, sampling=sampling, population=pop, step=step, samples_per_prompt=k,
                                     **share)
         gen_s = time.perf_counter() - t0
@@ -193,7 +196,7 @@ class Trainer:
             b = self._member_batch(m)
             for j, index in enumerate(batches[b]):
                 example = self.train_set[index]
-                for completion in outs[i][b * per + j]:
+                for completion in outs[i][j]:
                     texts.append(completion.text)
                     flat_prompts.append(example.prompt)
                     examples.append(example)
