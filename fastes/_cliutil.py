@@ -22,7 +22,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``--option KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``3`` is an int, ``true`` a bool)."""
+    """``--option KEY=VALUE`` pairs as a dict, each VALUE read as YAML (``3`` is an int, ``true`` a bool);
+    a VALUE that is not valid YAML (``template={a}+{b}=``) stays the string it is."""
     import yaml
 
     options = {}
@@ -30,7 +31,10 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise BadInput(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key] = value
     return options
 
 

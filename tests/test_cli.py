@@ -76,7 +76,16 @@ def test_bad_eval_and_generate_input(model_dir, tmp_path, capsys):
     fails(["generate", "--model", str(broken), "--prompt", "x"], capsys, "empty-model")
     fails(["generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "0"], capsys, "top_p")
     fails(["frobnicate"], capsys, "invalid choice")
+    fails(["eval", "--model", str(model_dir), "--task", "arithmetic", "--option", "template={x}+{b}="], capsys,
+          "bad template")  # not YAML: passed on as the string it is, and checked by the task
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-model"]
+
+
+def test_option_values_are_yaml_or_strings():
+    from fastes._cliutil import parse_options
+
+    assert parse_options(["digits=3", "flag=true", "template={a}+{b}=", "names=[a, b]", "empty="]) == {
+        "digits": 3, "flag": True, "template": "{a}+{b}=", "names": ["a", "b"], "empty": None}
 
 
 def test_dry_run_prints_config_and_memory_plan(config_file, tmp_path, capsys):
