@@ -2,8 +2,10 @@
 
 ``generate`` runs every (member, prompt, sample) sequence together: one scheduler, one
 paged KV pool, one forward per step whose rows are sorted by member so the population
-ops see contiguous segments. ``update`` applies W += lr·s·Σ c_m·E_m by regenerating the
-noise; ``perturbation`` returns one member's dense σ·s·E_m for inspection and tests.
+ops see contiguous segments. On CUDA, steps where every sequence decodes one token replay a
+CUDA graph (fastes.engine.cuda_graphs); other steps run eagerly. ``update`` applies
+W += lr·s·Σ c_m·E_m by regenerating the noise; ``perturbation`` returns one member's dense
+σ·s·E_m for inspection and tests.
 """
 
 from __future__ import annotations
