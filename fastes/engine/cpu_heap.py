@@ -1,28 +1,39 @@
-"""glibc heap tuning for CPU generation (see ``limit_cpu_heap_growth``)."""
+"""Giving glibc's freed heap pages back to the OS after each CPU generate (``release_cpu_heap``)."""
 
 from __future__ import annotations
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+import ctypes
+import ctypes.util
+from functools import cache
 
 
-def limit_cpu_heap_growth(threshold: int = 1 << 16) -> bool:
-    """Make glibc return large freed buffers to the OS (mmap above ``threshold`` bytes).
-
-    A CPU forward allocates and frees many large, differently sized activations; with glibc's
-    dynamic mmap threshold they land in the heap and fragment it: the demo's RSS grew ~280 MB
-    per population generate (23 GB by step 85). Pinning the threshold keeps it flat (~0.7 GB).
-    No-op where glibc is absent.
-    """
-    import ctypes
-    import ctypes.util
-
+@cache
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold))
+        lib = ctypes.CDLL(name)
+        lib.malloc_trim  # noqa: B018 -- glibc only
     except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def release_cpu_heap() -> bool:
+    """``malloc_trim(0)``: return the free pages inside glibc's heap to the OS; False where glibc is absent.
+
+    A CPU forward allocates and frees many large activations of varying sizes. Under glibc's dynamic
+    mmap threshold they land in the heap and fragment it, and the freed gaps are never returned: the
+    demo's RSS grew ~280 MB per population generate (23 GB by step 85). Trimming once per generate
+    keeps RSS flat. The earlier fix, a fixed 64 KB mmap threshold, kept it flat too, but every large
+    buffer then came from fresh zeroed pages: on 12 demo ES steps it cost 7.5 s of system time
+    against 2.0 s with the trim (wall 23.7 s against 18.0 s, the same RSS).
+    """
+    lib = _libc()
+    if lib is None:
         return False
+    return bool(lib.malloc_trim(0))
 
 
-__all__ = ["limit_cpu_heap_growth"]
+__all__ = ["release_cpu_heap"]

@@ -21,7 +21,7 @@ import torch
 
 from fastes.engine.attention_batch import build_attention_batch
 from fastes.engine.block_manager import BlockManager
-from fastes.engine.cpu_heap import limit_cpu_heap_growth
+from fastes.engine.cpu_heap import release_cpu_heap
 from fastes.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, DecodeGraphs, GraphCaptureError
 from fastes.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, profile_num_blocks
 from fastes.engine.request import generation_config_eos, member_prompt_indices, token_ids
@@ -53,8 +53,6 @@ class Engine:
                              f"model's config.json says vocab_size {model.config.vocab_size}: they do not match")
         self.model = model
         self.tokenizer = tokenizer
-        if model.device.type == "cpu":
-            limit_cpu_heap_growth()
         self.device = model.device
         if backend not in ("auto", "reference", "cpu", "triton"):
             raise ValueError(f"backend must be one of auto, reference, cpu, triton; got {backend!r}")
@@ -187,6 +185,8 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+            if self.device.type == "cpu":
+                release_cpu_heap()
         outs: Outputs = [[[None] * samples_per_prompt for _ in indices] for indices in chosen]  # type: ignore[misc]
         for seq in results:
             outs[slots[seq.member]][seq.prompt_index][seq.sample_index] = Completion(
