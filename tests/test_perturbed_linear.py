@@ -216,3 +216,17 @@ def test_gpu_unsorted_equals_sorted_and_graph_capture(rng):
     out.fill_(float("nan"))
     graph.replay()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_row_member_checked_again_after_an_in_place_change(rng):
+    """The value check is skipped for the tensor the previous linear checked, unless it changed since."""
+    x, w, b, rm = make(rng, 8, 5, 6, 3)
+    rm[-1] = 2
+    noise = spec("gaussian", True, rng)
+    perturbed_linear(x, w, b, rm, noise, 0.1, num_members=3, backend="cpu")
+    rm[0] = -2
+    with pytest.raises(ValueError, match="row_member"):
+        perturbed_linear(x, w, b, rm, noise, 0.1, num_members=3, backend="cpu")
+    rm[0] = 0
+    with pytest.raises(ValueError, match="population size 2"):
+        perturbed_linear(x, w, b, rm, noise, 0.1, num_members=2, backend="cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fastes.noise import NoiseSpec, check_mode, check_rank
@@ -30,6 +32,9 @@ def values_checkable(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+_last_checked: list[object] = [None, None]  # (weakref to the last row_member that passed, (version, num_members))
+
+
 def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.device, num_members: int | None) -> None:
     """row_member: one member id per row, -1 for the unperturbed model."""
     if row_member is None:
@@ -41,10 +46,14 @@ def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.d
         raise ValueError(f"row_member is on {row_member.device} but x is on {device}")
     if row_member.is_cuda:  # value checks would sync the device on every op; the engine builds ids on the host
         return
+    ref, state = _last_checked
+    if ref is not None and ref() is row_member and state == (row_member._version, num_members):
+        return  # every linear of a forward checks the same tensor
     if rows and int(row_member.min()) < -1:
         raise ValueError(f"row_member entries must be >= -1, got {int(row_member.min())}")
     if num_members is not None and rows and int(row_member.max()) >= num_members:
         raise ValueError(f"row_member entries must be < population size {num_members}, got {int(row_member.max())}")
+    _last_checked[:] = [weakref.ref(row_member), (row_member._version, num_members)]
 
 
 def check_noise_args(noise: NoiseSpec | None, sigma: float, mode: str, rank: int, out_f: int, in_f: int) -> None:

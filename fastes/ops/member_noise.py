@@ -119,20 +119,21 @@ def lowrank_factors(spec: NoiseSpec, name: str, member: int, out_features: int, 
 
 
 def stacked_lowrank(spec: NoiseSpec, name: str, members: tuple[int, ...], out_features: int, in_features: int,
-                    rank: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(sign_m·A_m stacked [M, out, r], B_m stacked [M, in, r]) for ``members``; read-only, cached on CPU.
+                    rank: int, device: torch.device | str = "cpu",
+                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale·sign_m·A_m stacked [M, out, r], B_m stacked [M, in, r]) for ``members``; read-only, cached on CPU.
 
     Every linear of every forward in a step asks for the same stack, so it is built once.
     """
 
     def make() -> torch.Tensor:
         factors = [lowrank_factors(spec, name, m, out_features, in_features, rank, device) for m in members]
-        a = torch.stack([f[0] * f[2] for f in factors])
+        a = torch.stack([f[0] * (f[2] * scale) for f in factors])
         b = torch.stack([f[1] for f in factors])
         return torch.cat([a.reshape(len(members), -1), b.reshape(len(members), -1)], dim=1)
 
     key = ("stacked-lowrank", spec.seed, spec.step, spec.kind, spec.antithetic, name, members, out_features,
-           in_features, rank)
+           in_features, rank, scale)
     both = make() if torch.device(device).type != "cpu" else _cached(key, make)
     split = out_features * rank
     return (both[:, :split].reshape(len(members), out_features, rank),

@@ -149,8 +149,8 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     num, width = (len(layout.members), x.shape[0] // len(layout.members)) if layout.equal else layout.index.shape
     xs = x.view(num, width, -1).float() if layout.equal else x[layout.index].float()
     out_f, in_f = weight.shape
-    a, b = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device)
-    a = a * (sigma * scale / math.sqrt(rank))  # [M, out, r], signed; b [M, in, r]
+    a, b = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device,
+                                        sigma * scale / math.sqrt(rank))  # a [M, out, r] signed, scaled; b [M, in, r]
     if layout.equal and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
         out.view(num, width, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
         return out
