@@ -32,7 +32,29 @@ def values_checkable(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-_last_checked: list[object] = [None, None]  # (weakref to the last row_member that passed, (version, num_members))
+class TensorMemo:
+    """A value remembered for the last tensor it was computed from, while that tensor lives unchanged.
+
+    Every op of a forward receives the same row_member tensor; this lets them share one check or one
+    layout. A weak reference and the tensor's version counter mean a freed or modified tensor never
+    hits; ``key`` adds whatever else the value depends on.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[torch.Tensor] | None = None
+        self._state: tuple[int, object] = (-1, None)
+        self._value: object = None
+
+    def get(self, t: torch.Tensor, key: object = None) -> object | None:
+        if self._ref is not None and self._ref() is t and self._state == (t._version, key):
+            return self._value
+        return None
+
+    def put(self, t: torch.Tensor, value: object, key: object = None) -> None:
+        self._ref, self._state, self._value = weakref.ref(t), (t._version, key), value
+
+
+_checked = TensorMemo()  # the last row_member whose values passed
 
 
 def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.device, num_members: int | None) -> None:
@@ -46,14 +68,13 @@ def check_row_member(row_member: torch.Tensor | None, rows: int, device: torch.d
         raise ValueError(f"row_member is on {row_member.device} but x is on {device}")
     if row_member.is_cuda:  # value checks would sync the device on every op; the engine builds ids on the host
         return
-    ref, state = _last_checked
-    if ref is not None and ref() is row_member and state == (row_member._version, num_members):
+    if _checked.get(row_member, num_members):
         return  # every linear of a forward checks the same tensor
     if rows and int(row_member.min()) < -1:
         raise ValueError(f"row_member entries must be >= -1, got {int(row_member.min())}")
     if num_members is not None and rows and int(row_member.max()) >= num_members:
         raise ValueError(f"row_member entries must be < population size {num_members}, got {int(row_member.max())}")
-    _last_checked[:] = [weakref.ref(row_member), (row_member._version, num_members)]
+    _checked.put(row_member, True, num_members)
 
 
 def check_noise_args(noise: NoiseSpec | None, sigma: float, mode: str, rank: int, out_f: int, in_f: int) -> None:

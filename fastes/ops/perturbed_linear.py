@@ -9,14 +9,20 @@ Triton path (CUDA, and the interpreter in tests): noise generated inside the ker
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from fastes.noise import NoiseSpec
 from fastes.ops import member_noise
-from fastes.ops.checks import check_noise_args, check_row_member, check_same, check_tensor, members_present
+from fastes.ops.checks import (
+    TensorMemo,
+    check_noise_args,
+    check_row_member,
+    check_same,
+    check_tensor,
+    members_present,
+)
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -39,17 +45,14 @@ def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 class _Layout:
     """Where each member's rows are in one row_member tensor.
 
-    ``runs`` lists (member, start, end) when every member's rows form one contiguous run (the
-    engine sorts rows by member), else None and ``index`` / ``valid`` pad each member's rows
-    into an [M, C] gather. ``equal``: the runs cover every row with one length, so x is a free
-    [M, C, in] view.
+    ``rows`` holds, per member, a (start, end) slice when every member's rows form one contiguous
+    run (the engine sorts rows by member), else a tensor of row indices. ``equal``: contiguous
+    runs of one length covering every row, so x is a free [M, C, in] view.
     """
 
     members: list[int]
-    runs: list[tuple[int, int, int]] | None
+    rows: list[tuple[int, int] | torch.Tensor]
     equal: bool = False
-    index: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
 
 
 def _layout(row_member: torch.Tensor) -> _Layout:
@@ -62,40 +65,12 @@ def _layout(row_member: torch.Tensor) -> _Layout:
     runs = [(int(m), s, e) for m, s, e in zip(run_members, starts, ends, strict=True) if m >= 0]
     if len({m for m, _, _ in runs}) == len(runs):
         equal = len(runs) == len(starts) and len({e - s for _, s, e in runs}) == 1
-        return _Layout([m for m, _, _ in runs], runs, equal)
+        return _Layout([m for m, _, _ in runs], [(s, e) for _, s, e in runs], equal)
     members = members_present(row_member)
-    rows = [(row_member == m).nonzero().squeeze(1) for m in members]
-    width = max(r.numel() for r in rows)
-    index = torch.zeros(len(members), width, dtype=torch.long, device=row_member.device)
-    valid = torch.zeros(len(members), width, dtype=torch.bool, device=row_member.device)
-    for i, r in enumerate(rows):
-        index[i, : r.numel()] = r
-        valid[i, : r.numel()] = True
-    return _Layout(members, None, False, index, valid)
+    return _Layout(members, [(row_member == m).nonzero().squeeze(1) for m in members])
 
 
-class _Segments:
-    """The layout of one row_member tensor, computed once per forward and reused by every linear.
-
-    The cache holds a weak reference to the tensor and its version counter, so a freed or
-    modified tensor never hits.
-    """
-
-    def __init__(self) -> None:
-        self.ref: weakref.ref[torch.Tensor] | None = None
-        self.version = -1
-        self.value: _Layout | None = None
-
-    def get(self, row_member: torch.Tensor) -> _Layout:
-        if self.ref is not None and self.ref() is row_member and self.version == row_member._version:
-            assert self.value is not None
-            return self.value
-        self.value = _layout(row_member)
-        self.ref, self.version = weakref.ref(row_member), row_member._version
-        return self.value
-
-
-_segments = _Segments()
+_layouts = TensorMemo()  # of the forward's row_member: every linear shares it
 
 
 def _member_term(x: torch.Tensor, out: torch.Tensor, noise: NoiseSpec, sigma: float, scale: float, mode: str,
@@ -123,43 +98,36 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           mode: str, rank: int, name: str) -> torch.Tensor:
     """Shared base GEMM, then every member's term on its own rows (the C++ fill draws the noise).
 
-    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs): equal runs (the engine's
-    decode steps) as batched matmuls over a free [M, C, in] view, other contiguous runs (mixed
-    prefill and decode) one member at a time on row slices, unsorted rows through a padded
-    gather. Full adds X_m E_mᵀ·σ·s one member at a time (stacking the E_m would copy them).
+    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs), full X_m E_mᵀ·σ·s. Equal runs
+    in lowrank mode (the engine's decode steps) go as two batched matmuls over a free [M, C, in]
+    view with the step's stacked factors; everything else one member at a time, on a row slice
+    (sorted rows: mixed prefill and decode) or gathered rows (unsorted).
     """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
         return out
-    layout = _segments.get(row_member)
-    if not layout.members:
+    layout = _layouts.get(row_member)
+    if layout is None:
+        layout = _layout(row_member)
+        _layouts.put(row_member, layout)
+    assert isinstance(layout, _Layout)
+    if mode == "lowrank" and layout.equal:
+        num, out_f, in_f = len(layout.members), weight.shape[0], weight.shape[1]
+        a, b = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device,
+                                            sigma * scale / math.sqrt(rank))  # a [M, out, r] signed, scaled
+        xs = x.view(num, -1, in_f).float()
+        if out.dtype == torch.float32:  # added in place: one pass over Y instead of three
+            out.view(num, -1, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
+        else:
+            out.view(num, -1, out_f).add_(torch.bmm(torch.bmm(xs, b), a.transpose(1, 2)).to(out.dtype))
         return out
-    if mode == "full" or (layout.runs is not None and not layout.equal):
-        if layout.runs is not None:
-            for m, start, end in layout.runs:
-                _member_term(x[start:end], out[start:end], noise, sigma, scale, mode, rank, name, m)
-            return out
-        assert layout.index is not None and layout.valid is not None
-        for i, m in enumerate(layout.members):
-            rows = layout.index[i][layout.valid[i]]
+    for m, rows in zip(layout.members, layout.rows, strict=True):
+        if isinstance(rows, tuple):
+            _member_term(x[rows[0] : rows[1]], out[rows[0] : rows[1]], noise, sigma, scale, mode, rank, name, m)
+        else:
             part = torch.zeros(rows.numel(), out.shape[1], dtype=out.dtype, device=out.device)
             _member_term(x[rows], part, noise, sigma, scale, mode, rank, name, m)
             out.index_add_(0, rows, part)
-        return out
-    num, width = (len(layout.members), x.shape[0] // len(layout.members)) if layout.equal else layout.index.shape
-    xs = x.view(num, width, -1).float() if layout.equal else x[layout.index].float()
-    out_f, in_f = weight.shape
-    a, b = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device,
-                                        sigma * scale / math.sqrt(rank))  # a [M, out, r] signed, scaled; b [M, in, r]
-    if layout.equal and out.dtype == torch.float32:  # added in place: one pass over Y instead of three
-        out.view(num, width, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
-        return out
-    delta = torch.bmm(torch.bmm(xs, b), a.transpose(1, 2))
-    if layout.equal:
-        out.view(delta.shape).add_(delta.to(out.dtype))
-    else:
-        valid = layout.valid
-        out.index_put_((layout.index[valid],), delta[valid].to(out.dtype), accumulate=True)
     return out
 
 
