@@ -240,6 +240,21 @@ def test_perturbed_reference_backend_agrees(checkpoints):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_perturbation_members_bound_the_1d_noise(checkpoints):
+    """Perturbation(members=...) caches 1-D noise for those members only: the same result for them, and a
+    clear error (not the unperturbed weights, silently) for a row of any other member."""
+    path, _ = checkpoints["qwen2"]
+    model = load_model(path)
+    pop = Population(size=4, sigma=1e-2, mode="lowrank", seed=5, perturb_1d=True)
+    prompts = random_ids(6, [5, 3])
+    every = packed_prefill(model, prompts, [3, 1], Perturbation.for_model(model, pop, 0))
+    listed = packed_prefill(model, prompts, [3, 1], Perturbation.for_model(model, pop, 0, members=(1, 3)))
+    for a, b in zip(every, listed, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="outside the perturbation's members"):
+        packed_prefill(model, prompts, [3, 2], Perturbation.for_model(model, pop, 0, members=(1, 3)))
+
+
 def test_lora_members_match_transformers(checkpoints, tmp_path):
     path, hf = checkpoints["qwen3"]
     model = load_model(path)

@@ -81,7 +81,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self._graphs: dict[tuple[int | None, int], _Graph] = {}  # (id of the perturbation, size)
-        self._ptrs: tuple[object, ...] = ()
+        self._ptrs: tuple[int, ...] = ()
         self._pert: Perturbation | None = None
         self._pool: object | None = None
         self.num_captures = 0
@@ -104,7 +104,7 @@ class DecodeGraphs:
         if it is at most twice the batch. A batch shrinking as sequences stop then captures ~log2 sizes, not
         every bucket on the way down (each capture costs a warm-up forward and the capture itself)."""
         size = self.bucket(num_seqs)
-        pid = id(self._pert) if self._pert is not None else None
+        pid = self._pert_id()
         if (pid, size) in self._graphs:
             return size
         bigger = [s for p, s in self._graphs if p == pid and size < s <= 2 * num_seqs]
@@ -115,7 +115,7 @@ class DecodeGraphs:
 
     def begin(self, pert: Perturbation | None) -> None:
         """Bind to a generate call; graphs of another perturbation, or of replaced parameter tensors, go."""
-        ptrs = (len(self.model.params), tuple(t.data_ptr() for t in self.model.params.values()))
+        ptrs = tuple(t.data_ptr() for t in self.model.params.values())  # new adapters add entries
         if ptrs != self._ptrs:
             self._graphs.clear()
             self._ptrs = ptrs
@@ -127,7 +127,6 @@ class DecodeGraphs:
             seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay."""
         num_seqs = len(input_ids)
-        pid = id(self._pert) if self._pert is not None else None
         size = self.size_for(num_seqs)
         pad = size - num_seqs
         width = max(len(t) for t in block_tables)
@@ -140,7 +139,7 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(host[4], non_blocking=True)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
-        key = (pid, size)
+        key = (self._pert_id(), size)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(size)
@@ -151,6 +150,10 @@ class DecodeGraphs:
         entry.graph.replay()
         assert entry.hidden is not None
         return entry.hidden[:num_seqs]
+
+    def _pert_id(self) -> int | None:
+        """The graphs' key for the bound perturbation (its id is not reused while ``_pert`` holds it)."""
+        return id(self._pert) if self._pert is not None else None
 
     def _forward(self, size: int) -> torch.Tensor:
         attn = AttentionBatch(self.cu_seqlens_q[: size + 1], self.seq_lens[:size], self.block_tables[:size],

@@ -32,6 +32,7 @@ from fastes.models import CausalLM, Perturbation, Tokenizer, load_model, load_to
 from fastes.models import save_pretrained as save_model
 from fastes.ops import member_noise
 from fastes.ops.es_update import es_update
+from fastes.ops.perturbed_linear import BACKENDS as OP_BACKENDS
 from fastes.population import Population
 
 CPU_KV_TOKENS = 65536
@@ -54,8 +55,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.device
-        if backend not in ("auto", "reference", "cpu", "triton"):
-            raise ValueError(f"backend must be one of auto, reference, cpu, triton; got {backend!r}")
+        if backend not in OP_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(OP_BACKENDS)}; got {backend!r}")
         self.backend = backend
         model.backend = backend  # the engine's choice holds for unperturbed forwards and attention too
         self.block_size = block_size

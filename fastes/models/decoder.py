@@ -59,7 +59,10 @@ class _Rows:
         """
         assert self.member is not None
         table, lookup = pert.vector_deltas(name, tuple(vec.shape), vec.device)
-        delta = table.index_select(0, lookup.index_select(0, self.member.long() + 1))
+        index = lookup.index_select(0, self.member.long() + 1)
+        if not index.is_cuda and bool((index < 0).any()):  # on CUDA the engine only passes listed members
+            raise ValueError(f"row_member holds members outside the perturbation's members {pert.members}")
+        delta = table.index_select(0, index)
         return (vec.float() + delta).to(vec.dtype)
 
 
@@ -269,10 +272,9 @@ class CausalLM:
             k = self._norm(k, p + "k_norm.weight", rows, pert)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv
-        backend = self.backend
-        write_kv(k, v, k_cache, v_cache, attn.slot_mapping, backend)
+        write_kv(k, v, k_cache, v_cache, attn.slot_mapping, self.backend)
         out = paged_attention(q, k_cache, v_cache, attn.cu_seqlens_q, attn.seq_lens, attn.block_tables,
-                              cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len, backend)
+                              cfg.softmax_scale, cfg.sliding_window(layer), attn.max_q_len, self.backend)
         return self._linear(out.reshape(tokens, cfg.q_size), p + "o_proj.", rows, pert)
 
     def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:

@@ -118,19 +118,19 @@ class Perturbation:
         """(table [1 + M, D] fp32, lookup [size + 1] int64) of a small (1-D) parameter, cached for this step.
 
         table row 0 is zero (the unperturbed model), row 1 + i is σ·s·E_m of ``members[i]``; lookup maps
-        member id + 1 to its table row (−1 and members outside ``members`` to row 0), so a forward turns
-        row_member into per-row deltas by two gathers, without a host sync.
+        member id + 1 to its table row (−1 to row 0, members outside ``members`` to the invalid row −1), so a
+        forward turns row_member into per-row deltas by two gathers, without a host sync.
         """
+        members = self.members if self.members is not None else range(self.num_members)
         key = (name, str(device))
         if key not in self._cache:
-            members = self.members if self.members is not None else range(self.num_members)
             coef = self.sigma * self.scale(name)
             rows = [torch.zeros(shape, dtype=torch.float32, device=device)]
             rows += [coef * member_noise.dense(self.noise, name, m, shape, device) for m in members]
             self._cache[key] = torch.stack(rows)
         if str(device) not in self._lookup:
-            members = self.members if self.members is not None else range(self.num_members)
-            lookup = torch.zeros(self.num_members + 1, dtype=torch.long)
+            lookup = torch.full((self.num_members + 1,), -1, dtype=torch.long)
+            lookup[0] = 0
             for i, m in enumerate(members):
                 lookup[m + 1] = i + 1
             self._lookup[str(device)] = lookup.to(device)
