@@ -320,6 +320,9 @@ def test_bad_input(models, tmp_path):
             engine.update(pop, 0, coeffs, lr=1.0)
     with pytest.raises(ValueError):
         engine.update(pop, 0, torch.zeros(4), lr=float("inf"))
+    for kwargs in (dict(backend="gpu"), dict(max_graph_batch=0), dict(max_graph_batch=True)):
+        with pytest.raises(ValueError, match="backend|max_graph_batch"):
+            _engine(path, **kwargs)
     no_tok = _engine(models["tiny_vocab"][0])
     with pytest.raises(ValueError, match="tokenizer"):
         no_tok.generate([[1, 2]], SamplingParams(stop=["a"]))

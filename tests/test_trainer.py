@@ -257,3 +257,28 @@ def test_schedules_and_seeds():
     assert scheduled("linear", 1.0, 0.0, 5, 10) == pytest.approx(0.5)
     assert derive_seed(0, 1, "sampling") != derive_seed(0, 2, "sampling") != derive_seed(1, 1, "sampling")
     assert derive_seed(7, 3, "data") == derive_seed(7, 3, "data") < 2**64
+
+
+def test_per_member_batches_generate_only_each_members_own_prompts(model_dir, tmp_path):
+    """same_prompts: false gives each antithetic pair its own batch; each member generates that batch alone,
+    and its completions are the ones it gets when it generates every batch."""
+    trainer = Trainer(make_config(model_dir, tmp_path / "run", same_prompts=False, steps=1), task=DigitTask())
+    calls, generate = [], trainer.engine.generate
+
+    def spy(prompts, **kwargs):  # also generates every batch for every member, before the update moves W
+        outs = generate(prompts, **kwargs)
+        every = generate(prompts, **{k: v for k, v in kwargs.items() if k != "member_prompts"})
+        calls.append((prompts, kwargs, outs, every))
+        return outs
+
+    trainer.engine.generate = spy
+    trainer.train_step(0)
+    (prompts, kwargs, outs, every), = calls
+    batches = trainer.batches(0)
+    per = trainer.config.prompts_per_step
+    assert len(batches) == 4 and len(prompts) == 4 * per  # one batch per noise index of 8 antithetic members
+    for m, indices in enumerate(kwargs["member_prompts"]):
+        assert [prompts[i] for i in indices] == [trainer._prompt_ids(j) for j in batches[m // 2]]
+    for m in range(8):
+        own = [[c.token_ids for c in per_prompt] for per_prompt in outs[m]]
+        assert own == [[c.token_ids for c in every[m][(m // 2) * per + j]] for j in range(per)]
