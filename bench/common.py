@@ -108,3 +108,17 @@ def write_result(name: str, payload: dict, device: str | None = None, path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is argparse's one-line error, exit 2)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+

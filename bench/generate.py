@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import current_device, device_name, git_commit, timed, versions, write_result
+from bench.common import current_device, device_name, git_commit, positive_int, timed, versions, write_result
 
 QWEN_COMMON = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                    tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
@@ -215,12 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=[*MODELS, "demo-model"], default=None,
                         help="one model instead of the device's default list (demo-model: the bundled checkpoint "
                              "at the demo's ES-step shape)")
-    parser.add_argument("--members", type=int, default=None, help="population size N")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per member")
-    parser.add_argument("--max-tokens", type=int, default=None, help="new tokens per sequence")
-    parser.add_argument("--loop-members", type=int, default=None,
+    parser.add_argument("--members", type=positive_int, default=None, help="population size N")
+    parser.add_argument("--prompts", type=positive_int, default=None, help="prompts per member")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="new tokens per sequence")
+    parser.add_argument("--loop-members", type=positive_int, default=None,
                         help="time the HF loop on this many members and scale to N (default: all on CPU, 4 on GPU)")
     args = parser.parse_args(argv)
+    if args.members is not None and args.members % 2:
+        parser.error(f"--members must be even (the population is antithetic), got {args.members}")
     if args.threads or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
     result = run(args.quick, args.model, args.members, args.prompts, args.max_tokens, args.loop_members)
