@@ -11,6 +11,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-tests}"
+case "$what" in
+    tests | bench | full) ;;
+    *) echo "usage: $0 tests|bench|full" >&2; exit 2 ;;
+esac
 OUT="${OUT:-/tmp/fastes-gpu}"
 mkdir -p "$OUT"
 { nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
@@ -34,10 +38,6 @@ case "$what" in
         rc=$?
         tail -60 "$OUT/bench.log"
         tar -czf "$OUT/results.tar.gz" -C "$results" . && rm -rf "$results"
-        ;;
-    *)
-        echo "usage: $0 tests|bench|full" >&2
-        exit 2
         ;;
 esac
 exit "$rc"
