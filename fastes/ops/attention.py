@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from fastes import _backend
+from fastes.ops.dispatch import backends, choose
 
-BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
+BACKENDS = backends("reference", "torch", "cpu", "triton")
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,8 +134,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seq
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, backend: str = "auto") -> None:
-    """Write K/V of the new tokens into the paged cache."""
-    if backend == "triton" or (backend == "auto" and k.is_cuda):
+    """Write K/V of the new tokens into the paged cache (Triton, else the torch scatter)."""
+    if choose(backend, BACKENDS, k) == "triton":
         from fastes.ops.attention_triton import write_kv_triton
 
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
@@ -147,17 +148,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     sliding_window: int | None = None, max_q_len: int | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Attention for packed new tokens (prefill chunks and decode alike); see the module docstring."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = choose(backend, BACKENDS, q)
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if chosen == "triton":
         from fastes.ops.attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                       sliding_window, max_q_len)
-    if backend == "reference":
+    if chosen == "reference":
         return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
-    if backend in ("auto", "cpu"):
+    if chosen == "cpu":
         out = paged_attention_cpp(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, sliding_window)
         if out is not None:
             return out

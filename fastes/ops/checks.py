@@ -6,9 +6,19 @@ import weakref
 
 import torch
 
-from fastes.noise import NoiseSpec, check_mode, check_rank
+from fastes.noise import (
+    U32_LIMIT,
+    VALUES_PER_BLOCK,
+    NoiseSpec,
+    check_kind,
+    check_mode,
+    check_rank,
+    check_seed,
+    check_uint,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OFFSET_LIMIT = 1 << 62  # int64-safe; the real bound is the 2**32-block counter space, checked below
 
 
 def check_tensor(t: torch.Tensor, arg: str, ndim: int, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
@@ -91,3 +101,30 @@ def members_present(row_member: torch.Tensor | None) -> list[int]:
     if row_member is None or row_member.numel() == 0:
         return []
     return [int(m) for m in torch.unique(row_member).tolist() if m >= 0]
+
+
+def check_stream_args(
+    seed: object, tensor_id: object, noise_index: object, step: object, offset: object, count: int, kind: str
+) -> tuple[int, int, int, int, int]:
+    """Validate counters and that offset .. offset+count-1 stays inside one 2**32-block counter space."""
+    check_kind(kind)
+    seed = check_seed(seed)
+    tensor_id = check_uint(tensor_id, "tensor_id", U32_LIMIT)
+    noise_index = check_uint(noise_index, "noise_index", U32_LIMIT)
+    step = check_uint(step, "step", U32_LIMIT)
+    offset = check_uint(offset, "offset", OFFSET_LIMIT)
+    if count and (offset + count - 1) // VALUES_PER_BLOCK[kind] >= U32_LIMIT:
+        raise ValueError(
+            f"offset + numel = {offset + count} exceeds the 2**32-block counter space of one {kind} stream"
+        )
+    return seed, tensor_id, noise_index, step, offset
+
+
+def check_noise_out(out: object) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is filled as one flat stream)")
+    return out

@@ -23,9 +23,12 @@ from fastes import _backend
 from fastes.noise import NoiseSpec, check_rank, member_noise_tensor, sr_tensor_id, tensor_id
 from fastes.ops import member_noise
 from fastes.ops.checks import check_tensor
+from fastes.ops.dispatch import backends, choose
+from fastes.ops.member_noise import fold_coefficients
 from fastes.ops.stochastic_round import stochastic_round, stochastic_round_ref
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = backends("reference", "cpu", "triton")
+__all__ = ["BACKENDS", "es_direction_ref", "es_update", "es_update_ref", "fold_coefficients"]
 
 
 def es_direction_ref(noise: NoiseSpec, coeffs: torch.Tensor, shape: tuple[int, ...], mode: str, rank: int,
@@ -44,15 +47,6 @@ def es_update_ref(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, 
     direction = es_direction_ref(noise, coeffs, tuple(weight.shape), mode, rank, name)
     updated = weight.float().cpu() + (lr * scale) * direction
     return stochastic_round_ref(updated, weight.dtype, noise.seed, name, noise.step).to(weight.device)
-
-
-def fold_coefficients(noise: NoiseSpec, coeffs: torch.Tensor) -> list[tuple[int, float]]:
-    """(noise index, Σ sign·c) per distinct index, in index order, zeros dropped (fp64 sums)."""
-    folded: dict[int, float] = {}
-    for m, c in enumerate(coeffs.double().tolist()):
-        index, sign = noise.member(m)
-        folded[index] = folded.get(index, 0.0) + sign * c
-    return [(i, c) for i, c in sorted(folded.items()) if c != 0.0]
 
 
 def _direction_cpu(weight: torch.Tensor, noise: NoiseSpec, folded: list[tuple[int, float]], mode: str, rank: int,
@@ -114,16 +108,15 @@ def es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: 
     for value, arg in ((lr, "lr"), (scale, "scale")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{arg} must be a finite number, got {value!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = choose(backend, BACKENDS, weight)
     tensor_id(name)  # validates the name even when every coefficient folds to zero
     if weight.dim() == 1:
         mode = "full"
     args = (weight, noise, coeffs, lr, scale, mode, rank, name)
-    if backend == "reference":
+    if chosen == "reference":
         weight.copy_(es_update_ref(*args))
-    elif backend == "triton" or (backend == "auto" and weight.is_cuda):
-        from fastes.ops.es_update_triton import es_update_triton
+    elif chosen == "triton":
+        from fastes.ops.es_update_triton import es_update_triton  # imports Triton: only when asked for
 
         es_update_triton(*args)
     else:

@@ -43,62 +43,18 @@ import triton
 import triton.language as tl
 
 from fastes import _backend
-from fastes.noise import KIND_INT, SR_NOISE_INDEX, NoiseSpec, as_i32, split_seed, sr_tensor_id, tensor_id
+from fastes.noise import KIND_INT, SR_NOISE_INDEX, NoiseSpec, as_i32, sr_tensor_id, tensor_id
 from fastes.ops import philox
+from fastes.ops._triton import key_args
+from fastes.ops.member_noise import fold_coefficients
+from fastes.ops.stochastic_round_triton import OUT_CODES, _flat4, _round, _sr_words_at
 
-OUT_FP32, OUT_BF16, OUT_FP16 = 0, 1, 2
-OUT_CODES = {torch.float32: OUT_FP32, torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16}
 # Counter words vary per call: one compiled kernel for all of them. Shapes (out_f, in_f, n) stay
 # specialized: knowing in_f % 16 == 0 is what lets Triton vectorize the W loads and stores.
 _SCALARS = ["num_idx", "k0", "k1", "tid", "sr_tid", "sr_idx", "step"]
 
 
 # --------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _flat4(x0, x1, x2, x3):
-    """Interleave four [..., B] lane tensors into [..., 4B] in stream order (block-major, lane-minor)."""
-    return tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
-
-
-@triton.jit
-def _sr_words_at(e, k0, k1, sr_tid, sr_idx, step):
-    """Rounding word of element indices ``e`` (one Philox call each: only for unaligned rows)."""
-    x0, x1, x2, x3 = philox.philox4x32_10((e >> 2).to(tl.uint32), sr_tid, sr_idx, step, k0, k1)
-    lane = e & 3
-    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
-
-
-@triton.jit
-def _round(v, words, OUT: tl.constexpr):
-    """fp32 ``v`` → output dtype with the contract's stochastic rounding (fp32: unchanged)."""
-    if OUT == 0:
-        return v
-    elif OUT == 1:
-        # bf16: add the low 16 random bits to the fp32 pattern, keep the high half.
-        raw = v.to(tl.uint32, bitcast=True)
-        finite = (raw & 0x7F800000) != 0x7F800000
-        hi = ((raw + (words & 0xFFFF)) >> 16).to(tl.uint16)
-        return tl.where(finite, hi.to(tl.bfloat16, bitcast=True), v.to(tl.bfloat16))
-    else:
-        # fp16: round up with probability (v - down) / (up - down), u = (words >> 8) * 2**-24.
-        near16 = v.to(tl.float16)
-        near = near16.to(tl.float32)
-        above = near > v
-        h = near16.to(tl.uint16, bitcast=True).to(tl.int32)
-        neg = (h & 0x8000) != 0
-        step_dir = tl.where(neg != above, -1, 1)  # the next fp16 bit pattern away from `near` toward v
-        other_h = tl.where((h & 0x7FFF) == 0, tl.where(above, 0x8001, 0x0001), h + step_dir)
-        other = other_h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        down = tl.where(above, other, near)
-        up = tl.where(above, near, other)
-        gap = up - down
-        p = tl.where(gap > 0, tl.math.div_rn(v - down, tl.where(gap > 0, gap, 1.0)), 0.0)
-        u = (words >> 8).to(tl.float32) * philox.U24_SCALE
-        raw = v.to(tl.uint32, bitcast=True)
-        keep = ((raw & 0x7F800000) == 0x7F800000) | (near == v)
-        return tl.where(keep, near, tl.where(u < p, up, down)).to(tl.float16)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -238,8 +194,6 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
     lowrank GEMM's ``tl.dot`` input precision: default "tf32x3" on a GPU (three tensor-core passes,
     ~fp32 accuracy, frees the 16 FFMA/element of "ieee") and "ieee" under the interpreter.
     """
-    from fastes.ops.es_update import fold_coefficients
-
     if weight.device.type != "cuda" and not _backend.triton_interpreted():
         raise ValueError("weight must be a CUDA tensor for the Triton backend (or set TRITON_INTERPRET=1)")
     if not weight.is_contiguous():
@@ -257,10 +211,8 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
     mult = lr * scale / (math.sqrt(rank) if lowrank else 1.0)
     idx = torch.tensor([i for i, _ in folded], dtype=torch.int64, device=weight.device)
     coef = torch.tensor([c * mult for _, c in folded], dtype=torch.float32, device=weight.device)
-    k0, k1 = split_seed(noise.seed)
-    args = dict(k0=as_i32(k0), k1=as_i32(k1), tid=as_i32(tensor_id(name)), sr_tid=as_i32(sr_tensor_id(name)),
-                sr_idx=as_i32(SR_NOISE_INDEX), step=as_i32(noise.step), KIND=KIND_INT[noise.kind],
-                OUT=OUT_CODES[weight.dtype])
+    args = dict(**key_args(noise.seed, tensor_id(name), noise.step), sr_tid=as_i32(sr_tensor_id(name)),
+                sr_idx=as_i32(SR_NOISE_INDEX), KIND=KIND_INT[noise.kind], OUT=OUT_CODES[weight.dtype])
     if lowrank:
         out_f, in_f = weight.shape
         cfg = _config(True, weight.numel(), len(folded) * rank)

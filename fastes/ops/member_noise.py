@@ -14,6 +14,7 @@ import torch
 
 from fastes import _backend
 from fastes.noise import KIND_INT, NoiseSpec, member_noise_tensor, tensor_id
+from fastes.ops.noise import noise_fill
 
 CACHE_BYTES = 256 << 20
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -47,8 +48,6 @@ def clear_cache() -> None:
 def stream_tensor(spec: NoiseSpec, name: str, index: int, numel: int, offset: int = 0,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements offset.. of one noise stream as float32 [numel] on ``device`` (read-only: it may be cached)."""
-    from fastes.ops.noise import noise_fill
-
     def make() -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32, device=device)
         noise_fill(out, spec.seed, tensor_id(name), index, spec.step, offset, spec.kind)
@@ -67,8 +66,6 @@ def stream_tensors(spec: NoiseSpec, name: str, indices: list[int], numel: int, o
     ``noise_fill_many``: one thread team for all rows) and not cached, since callers such as the
     update read them once.
     """
-    from fastes.ops.noise import noise_fill
-
     device = torch.device(device)
     out = torch.empty((len(indices), numel), dtype=torch.float32, device=device)
     missing: list[int] = []
@@ -147,6 +144,15 @@ def dense_member(spec: NoiseSpec, name: str, member: int, shape: tuple[int, ...]
         a, b, sign = lowrank_factors(spec, name, member, shape[0], shape[1], rank, device)
         return (a @ b.T).mul_(sign / math.sqrt(rank))
     return dense(spec, name, member, shape, device)
+
+
+def fold_coefficients(noise: NoiseSpec, coeffs: torch.Tensor) -> list[tuple[int, float]]:
+    """(noise index, Σ sign·c) per distinct index, in index order, zeros dropped (fp64 sums)."""
+    folded: dict[int, float] = {}
+    for m, c in enumerate(coeffs.double().tolist()):
+        index, sign = noise.member(m)
+        folded[index] = folded.get(index, 0.0) + sign * c
+    return [(i, c) for i, c in sorted(folded.items()) if c != 0.0]
 
 
 def reference_weights(weight: torch.Tensor, row_member: torch.Tensor | None, rows: int, noise: NoiseSpec | None,

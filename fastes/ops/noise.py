@@ -3,8 +3,8 @@
 Backends, all bit-compatible with the contract in ``fastes/noise.py``:
 
 * ``torch``  -- ``fastes.noise.stream`` (the reference; computed on CPU, copied to ``out``).
-* ``triton`` -- ``_noise_fill_kernel`` below (CUDA tensors, or CPU tensors under
-  ``TRITON_INTERPRET=1``); one Philox call per block of 4 Gaussians / 128 signs.
+* ``triton`` -- ``noise_triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+  one Philox call per block of 4 Gaussians / 32-bit word of signs.
 * ``cpp`` / ``cuda`` -- ``fastes._C.noise_fill`` on CPU / CUDA tensors.
 * ``auto``   -- Triton on CUDA tensors, the C++ extension on CPU when built, else torch.
 
@@ -17,210 +17,23 @@ from __future__ import annotations
 import torch
 
 from fastes import _backend
-from fastes.noise import (
-    KIND_INT,
-    U32_LIMIT,
-    VALUES_PER_BLOCK,
-    as_i32,
-    check_kind,
-    check_seed,
-    check_uint,
-    split_seed,
-    stream,
-)
+from fastes.noise import KIND_INT, stream
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
-from fastes.ops._triton import philox, tl, triton
+from fastes.ops._triton import triton
+from fastes.ops.checks import OFFSET_LIMIT, check_noise_out, check_stream_args
+from fastes.ops.dispatch import backends, choose
+from fastes.ops.noise_triton import GROUP, noise_fill_triton, philox_blocks_triton
 
-BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
-OFFSET_LIMIT = 1 << 62  # int64-safe; the real bound is the 2**32-block counter space, checked below
-_SCALAR_ARGS = ["n", "offset", "k0", "k1", "tid", "idx", "step"]
-
-
-if triton is not None:
-
-    @triton.jit(do_not_specialize=_SCALAR_ARGS)
-    def _noise_fill_kernel(
-        out_ptr,
-        n,
-        offset,
-        k0,
-        k1,
-        tid,
-        idx,
-        step,
-        GROUPS: tl.constexpr,  # groups per program: Philox blocks (gaussian) or 32-bit words (rademacher)
-        PER: tl.constexpr,  # values per group: 4 or 32
-        KIND: tl.constexpr,
-        ELEMENTWISE: tl.constexpr,  # use the element-wise device functions (tests them; 4x/32x slower)
-    ):
-        n = n.to(tl.int64)
-        offset = offset.to(tl.int64)
-        g = offset // PER + tl.program_id(0).to(tl.int64) * GROUPS  # first group of this program
-        e = g * PER + tl.arange(0, GROUPS * PER)  # stream elements of this program, group-aligned
-        i = e - offset
-        mask = (i >= 0) & (i < n)
-        if ELEMENTWISE:
-            vals = philox.noise_at(e, k0, k1, tid, idx, step, KIND)
-        elif KIND == philox.GAUSSIAN:
-            vals = philox.gaussian_blocks_flat(g + tl.arange(0, GROUPS), k0, k1, tid, idx, step)
-        else:
-            vals = philox.rademacher_words_flat(g + tl.arange(0, GROUPS), k0, k1, tid, idx, step)
-        tl.store(out_ptr + i, vals, mask=mask)
-
-    @triton.jit(do_not_specialize=["num", "start", "k0", "k1", "tid", "idx", "step"])
-    def _philox_blocks_kernel(out_ptr, num, start, k0, k1, tid, idx, step, BLOCKS: tl.constexpr):
-        j = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = j < num
-        b = start.to(tl.int64) + j
-        x0, x1, x2, x3 = philox.philox4x32_10(b.to(tl.uint32), tid, idx, step, k0, k1)
-        row = out_ptr + 4 * j
-        tl.store(row + 0, x0.to(tl.int64), mask=mask)
-        tl.store(row + 1, x1.to(tl.int64), mask=mask)
-        tl.store(row + 2, x2.to(tl.int64), mask=mask)
-        tl.store(row + 3, x3.to(tl.int64), mask=mask)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_stream_args(
-    seed: object, tensor_id: object, noise_index: object, step: object, offset: object, count: int, kind: str
-) -> tuple[int, int, int, int, int]:
-    """Validate counters and that offset .. offset+count-1 stays inside one 2**32-block counter space."""
-    check_kind(kind)
-    seed = check_seed(seed)
-    tensor_id = check_uint(tensor_id, "tensor_id", U32_LIMIT)
-    noise_index = check_uint(noise_index, "noise_index", U32_LIMIT)
-    step = check_uint(step, "step", U32_LIMIT)
-    offset = check_uint(offset, "offset", OFFSET_LIMIT)
-    if count and (offset + count - 1) // VALUES_PER_BLOCK[kind] >= U32_LIMIT:
-        raise ValueError(
-            f"offset + numel = {offset + count} exceeds the 2**32-block counter space of one {kind} stream"
-        )
-    return seed, tensor_id, noise_index, step, offset
-
-
-def _check_out(out: object) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype != torch.float32:
-        raise ValueError(f"out must be float32, got {out.dtype}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous (it is filled as one flat stream)")
-    return out
-
-
-# --------------------------------------------------------------------------- Triton launchers
-
-
-GROUP = {"gaussian": 4, "rademacher": 32}  # values per group the fill kernel generates at once
-
-
-def _default_values_per_program(kind: str) -> int:
-    """Not autotuned (one config works under the interpreter); rademacher needs >= 128 words for 4 warps."""
-    if _backend.triton_interpreted():
-        return 8192 if kind == "gaussian" else 32768  # the interpreter pays per program, not per element
-    return 2048 if kind == "gaussian" else 16384
-
-
-def noise_fill_triton(
-    out: torch.Tensor,
-    seed: int,
-    tensor_id: int,
-    noise_index: int,
-    step: int,
-    offset: int,
-    kind: str,
-    block: int | None = None,
-    elementwise: bool = False,
-) -> torch.Tensor:
-    """Fill ``out`` (float32, contiguous) with stream elements offset .. offset+numel-1 using Triton.
-
-    ``block`` is the number of values per program (a power of two, at least 4 for gaussian and
-    128 for rademacher); results do not depend on it. ``elementwise`` switches the kernel to the
-    element-wise device functions (``noise_at``), which later kernels reuse; tests check both.
-    """
-    out = _check_out(out)
-    n = out.numel()
-    seed, tensor_id, noise_index, step, offset = _check_stream_args(seed, tensor_id, noise_index, step, offset, n, kind)
-    _backend.require_triton(out, "out", _TRITON_ERROR)
-    per = GROUP[kind]
-    values = _default_values_per_program(kind) if block is None else block
-    if isinstance(values, bool) or not isinstance(values, int) or values < per or values & (values - 1):
-        raise ValueError(f"block must be a power of two >= {per} for {kind} noise, got {block!r}")
-    if n == 0:
-        return out
-    groups = values // per
-    grid = (triton.cdiv((offset + n - 1) // per - offset // per + 1, groups),)
-    k0, k1 = split_seed(seed)
-    _noise_fill_kernel[grid](
-        out,
-        n,
-        offset,
-        as_i32(k0),
-        as_i32(k1),
-        as_i32(tensor_id),
-        as_i32(noise_index),
-        as_i32(step),
-        GROUPS=groups,
-        PER=per,
-        KIND=KIND_INT[kind],
-        ELEMENTWISE=bool(elementwise),
-    )
-    return out
-
-
-def philox_blocks_triton(
-    seed: int,
-    tensor_id: int,
-    noise_index: int,
-    step: int,
-    start_block: int,
-    num_blocks: int,
-    device: torch.device | str = "cuda",
-) -> torch.Tensor:
-    """Raw Philox words, int64 [num_blocks, 4] in [0, 2**32), from Triton (for bit-exactness tests)."""
-    seed = check_seed(seed)
-    tensor_id = check_uint(tensor_id, "tensor_id", U32_LIMIT)
-    noise_index = check_uint(noise_index, "noise_index", U32_LIMIT)
-    step = check_uint(step, "step", U32_LIMIT)
-    start_block = check_uint(start_block, "start_block", U32_LIMIT)
-    num_blocks = check_uint(num_blocks, "num_blocks", U32_LIMIT + 1)
-    if start_block + num_blocks > U32_LIMIT:
-        raise ValueError("start_block + num_blocks exceeds the 2**32-block counter space")
-    out = torch.full((num_blocks, 4), -1, dtype=torch.int64, device=device)  # poisoned
-    _backend.require_triton(out, "device", _TRITON_ERROR)
-    if num_blocks == 0:
-        return out
-    blocks = 256
-    k0, k1 = split_seed(seed)
-    _philox_blocks_kernel[(triton.cdiv(num_blocks, blocks),)](
-        out,
-        num_blocks,
-        start_block,
-        as_i32(k0),
-        as_i32(k1),
-        as_i32(tensor_id),
-        as_i32(noise_index),
-        as_i32(step),
-        BLOCKS=blocks,
-    )
-    return out
+BACKENDS = backends("torch", "triton", "cpp", "cuda")
+__all__ = ["BACKENDS", "GROUP", "OFFSET_LIMIT", "noise_fill", "noise_fill_triton", "philox_blocks_triton", "triton",
+           "_TRITON_ERROR"]
 
 
 # --------------------------------------------------------------------------- dispatcher
 
 
 def _resolve_backend(backend: str, out: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if out.device.type == "cuda":
-        if triton is not None:
-            return "triton"
-        return "cuda" if _backend.extension_has_cuda() else "torch"
-    return "cpp" if out.device.type == "cpu" and _backend.extension() is not None else "torch"
+    return choose(backend, BACKENDS, out)
 
 
 def noise_fill(
@@ -238,9 +51,9 @@ def noise_fill(
     The antithetic sign is not applied here (callers pass the member's noise index and scale).
     An explicitly requested backend that is unavailable raises RuntimeError; ``auto`` degrades.
     """
-    out = _check_out(out)
+    out = check_noise_out(out)
     n = out.numel()
-    seed, tensor_id, noise_index, step, offset = _check_stream_args(seed, tensor_id, noise_index, step, offset, n, kind)
+    seed, tensor_id, noise_index, step, offset = check_stream_args(seed, tensor_id, noise_index, step, offset, n, kind)
     chosen = _resolve_backend(backend, out)
     if n == 0:
         return out

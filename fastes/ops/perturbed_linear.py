@@ -23,8 +23,9 @@ from fastes.ops.checks import (
     check_tensor,
     members_present,
 )
+from fastes.ops.dispatch import backends, choose
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = backends("reference", "cpu", "triton")
 
 
 def perturbed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -155,12 +156,11 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     check_noise_args(noise, sigma, mode, rank, weight.shape[0], weight.shape[1])
     if mode not in ("lowrank", "full"):
         raise ValueError(f"mode must be 'lowrank' or 'full' for perturbed_linear, got {mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = choose(backend, BACKENDS, x)
     args = (x, weight, bias, row_member, noise, sigma, scale, mode, rank, name)
-    if backend == "reference":
+    if chosen == "reference":
         return perturbed_linear_ref(*args)
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
+    if chosen == "triton":
         from fastes.ops.perturbed_linear_triton import perturbed_linear_triton
 
         return perturbed_linear_triton(*args)

@@ -47,12 +47,12 @@ from typing import Any
 import torch
 
 from fastes import _backend
-from fastes.noise import KIND_INT, NoiseSpec, as_i32, split_seed, tensor_id
+from fastes.noise import KIND_INT, NoiseSpec, tensor_id
+from fastes.ops._triton import KEY_ARGS, key_args, philox, tl, triton  # None without Triton
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
-from fastes.ops._triton import philox, tl, triton  # None without Triton: only CUDA or the interpreter call here
 
 PLAIN, LOWRANK, FULL = 0, 1, 2
-_SCALARS = ["key0", "key1", "tid", "step", "coef"]
+_SCALARS = [*KEY_ARGS, "coef"]
 
 
 if triton is not None:
@@ -85,27 +85,27 @@ if triton is not None:
             return 1.0 + 0.0 * m.to(tl.float32)
 
     @triton.jit
-    def _dense_tile(cols, k0, IN, key0, key1, tid, idx, step,
+    def _dense_tile(cols, kb, IN, k0, k1, tid, idx, step,
                     BN: tl.constexpr, BK: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
-        """E[cols, k0:k0+BK] (fp32 [BN, BK]) of a dense stream with rows of length IN.
+        """E[cols, kb:kb+BK] (fp32 [BN, BK]) of a dense stream with rows of length IN.
 
         BLOCK (IN and BK multiples of 4 resp. 32): one Philox call per 4 Gaussians resp. per
         32-bit word of signs; otherwise one call per value.
         """
         if BLOCK:
             if KIND == philox.GAUSSIAN:
-                b = (cols.to(tl.int64) * IN + k0)[:, None] // 4 + tl.arange(0, BK // 4)[None, :]
-                return philox.gaussian_blocks_flat(b, key0, key1, tid, idx, step)
+                b = (cols.to(tl.int64) * IN + kb)[:, None] // 4 + tl.arange(0, BK // 4)[None, :]
+                return philox.gaussian_blocks_flat(b, k0, k1, tid, idx, step)
             else:
-                w = (cols.to(tl.int64) * IN + k0)[:, None] // 32 + tl.arange(0, BK // 32)[None, :]
+                w = (cols.to(tl.int64) * IN + kb)[:, None] // 32 + tl.arange(0, BK // 32)[None, :]
                 w = tl.reshape(w, (BN * (BK // 32),))
-                return tl.reshape(philox.rademacher_words_flat(w, key0, key1, tid, idx, step), (BN, BK))
+                return tl.reshape(philox.rademacher_words_flat(w, k0, k1, tid, idx, step), (BN, BK))
         else:
-            e = cols.to(tl.int64)[:, None] * IN + (k0 + tl.arange(0, BK))[None, :]
-            return philox.noise_at(e, key0, key1, tid, idx, step, KIND)
+            e = cols.to(tl.int64)[:, None] * IN + (kb + tl.arange(0, BK))[None, :]
+            return philox.noise_at(e, k0, k1, tid, idx, step, KIND)
 
     @triton.jit
-    def _factor_tile(start, rank, n0, idx, key0, key1, tid, step, NR: tl.constexpr, RP: tl.constexpr,
+    def _factor_tile(start, rank, n0, idx, k0, k1, tid, step, NR: tl.constexpr, RP: tl.constexpr,
                      KIND: tl.constexpr, BLOCK: tl.constexpr):
         """Rows n0..n0+NR of an (x r) factor starting at stream element ``start``: fp32 [len(idx), NR, RP].
 
@@ -116,22 +116,22 @@ if triton is not None:
         if BLOCK:
             if KIND == philox.GAUSSIAN:
                 b = (start + n0 * rank) // 4 + tl.arange(0, NR * RP // 4)[None, :] + 0 * idx[:, None]
-                v = philox.gaussian_blocks_flat(b, key0, key1, tid, idx[:, None], step)
+                v = philox.gaussian_blocks_flat(b, k0, k1, tid, idx[:, None], step)
             else:
                 NW: tl.constexpr = NR * RP // 32
                 w = (start + n0 * rank) // 32 + tl.arange(0, NW)[None, :] + 0 * idx[:, None]
                 i = tl.reshape(idx[:, None] + 0 * w, (S * NW,))
-                v = philox.rademacher_words_flat(tl.reshape(w, (S * NW,)), key0, key1, tid, i, step)
+                v = philox.rademacher_words_flat(tl.reshape(w, (S * NW,)), k0, k1, tid, i, step)
             return tl.reshape(v, (S, NR, RP))
         else:
             n = (n0 + tl.arange(0, NR)).to(tl.int64)[None, :, None]
             j = tl.arange(0, RP)[None, None, :]
             e = start + n * rank + j + 0 * idx[:, None, None]
-            v = philox.noise_at(e, key0, key1, tid, idx[:, None, None], step, KIND)
+            v = philox.noise_at(e, k0, k1, tid, idx[:, None, None], step, KIND)
             return tl.where(j < rank, v, 0.0)
 
     @triton.jit(do_not_specialize=_SCALARS)
-    def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, sxt, sxk, key0, key1, tid, step, coef,
+    def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, sxt, sxk, k0, k1, tid, step, coef,
                        KIND: tl.constexpr, ANTI: tl.constexpr, LAYOUT_OK: tl.constexpr, RP: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr):
         """H[t, :] = coef·sign_t · x_t B_m(t) (fp32, zero for unperturbed rows); B generated once per run."""
@@ -146,12 +146,12 @@ if triton is not None:
             sign = _noise_sign(mq, ANTI)
             inq = seg == q
             hq = tl.zeros([BM, RP], tl.float32)
-            for k0 in range(0, IN, BK):
-                ks = k0 + tl.arange(0, BK)
+            for kb in range(0, IN, BK):
+                ks = kb + tl.arange(0, BK)
                 x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
                             mask=inq[:, None] & (ks < IN)[None, :], other=0.0).to(tl.float32)
                 one = tl.full([1], 0, tl.int64) + idx
-                b = _factor_tile(0, rank, k0, one, key0, key1, tid, step, BK, RP, KIND, BLOCK)
+                b = _factor_tile(0, rank, kb, one, k0, k1, tid, step, BK, RP, KIND, BLOCK)
                 hq += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
             h = tl.where(inq[:, None], hq * (coef * sign), h)
         j = tl.arange(0, RP)
@@ -159,7 +159,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _gemm_kernel(x_ptr, w_ptr, bias_ptr, rm_ptr, h_ptr, out_ptr, T, OUT, IN, rank, a_start, T_BUCKET,
-                     sxt, sxk, swn, swk, sot, son, key0, key1, tid, step, coef,
+                     sxt, sxk, swn, swk, sot, son, k0, k1, tid, step, coef,
                      MODE: tl.constexpr, KIND: tl.constexpr, ANTI: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SKIP_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                      LAYOUT_OK: tl.constexpr, RP: tl.constexpr, SEGC: tl.constexpr,
@@ -188,8 +188,8 @@ if triton is not None:
             acc = tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
         else:
             acc = tl.zeros([BM, BN], tl.float32)
-            for k0 in range(0, IN, BK):
-                ks = k0 + tl.arange(0, BK)
+            for kb in range(0, IN, BK):
+                ks = kb + tl.arange(0, BK)
                 kmask = ks < IN
                 x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -203,7 +203,7 @@ if triton is not None:
                     xc = (x.to(tl.float32) * rcoef[:, None]).to(x.dtype)
                     for q in range(nruns):
                         idx = _noise_index(tl.max(tl.where(seg == q, m, -1), axis=0), ANTI)
-                        e = _dense_tile(cols, k0, IN, key0, key1, tid, idx, step, BN, BK, KIND,
+                        e = _dense_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND,
                                         LAYOUT_OK and BK % PER == 0)
                         xq = tl.where((seg == q)[:, None], xc, tl.zeros_like(xc))
                         acc = tl.dot(xq, tl.trans(e.to(x.dtype)), acc, input_precision=PREC)
@@ -216,7 +216,7 @@ if triton is not None:
                 slots = c * SEGC + tl.arange(0, SEGC)
                 members = tl.max(tl.where(seg[None, :] == slots[:, None], m[None, :], -1), axis=1)
                 idx = _noise_index(members, ANTI)
-                a = _factor_tile(a_start, rank, pid_n * BN, idx, key0, key1, tid, step, BN, RP, KIND,
+                a = _factor_tile(a_start, rank, pid_n * BN, idx, k0, k1, tid, step, BN, RP, KIND,
                                  LAYOUT_OK and (BN * RP) % PER == 0)  # [SEGC, BN, RP]
                 a = tl.reshape(tl.permute(a, (0, 2, 1)), (SEGC * RP, BN))
                 hexp = tl.where(seg[:, None, None] == slots[None, :, None], h[:, None, :], 0.0)
@@ -279,9 +279,7 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     m = PLAIN if not perturb else LOWRANK if mode == "lowrank" else FULL
     kind = KIND_INT[noise.kind] if noise is not None else 0
     per = 4 if kind == 0 else 32
-    k0, k1 = split_seed(noise.seed) if noise is not None else (0, 0)
-    scalars = dict(key0=as_i32(k0), key1=as_i32(k1), tid=as_i32(tensor_id(name)),
-                   step=as_i32(noise.step if noise is not None else 0))
+    scalars = key_args(noise.seed, tensor_id(name), noise.step) if noise is not None else key_args(0, 0, 0)
     anti = bool(noise.antithetic) if noise is not None else False
     rp = _next_pow2(rank) if m == LOWRANK else 1
     rm = row_member if row_member is not None else out

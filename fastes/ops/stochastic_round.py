@@ -6,7 +6,8 @@ update unbiased in expectation. Bits: ``fastes.noise.stochastic_rounding_bits``.
 
 ``stochastic_round_ref`` is the oracle. ``stochastic_round`` writes into a weight with the
 fastest backend: the C++ kernel (``fastes._C.stochastic_round``) on CPU, a small Triton
-kernel on CUDA (the same ``_round`` as the fused Triton es_update), the reference otherwise.
+kernel on CUDA (``stochastic_round_triton``: the same ``_round`` as the fused Triton es_update),
+the reference otherwise.
 """
 
 from __future__ import annotations
@@ -16,19 +17,12 @@ import math
 import torch
 
 from fastes import _backend
-from fastes.noise import SR_NOISE_INDEX, as_i32, split_seed, sr_tensor_id, stochastic_rounding_bits
-
-try:  # Triton is optional: CPU-only installs use C++ or the reference.
-    import triton
-    import triton.language as tl
-
-    from fastes.ops import philox
-    from fastes.ops.es_update_triton import OUT_CODES, _flat4, _round
-except Exception:  # noqa: BLE001 - any failure means "no Triton backend"
-    triton = None
+from fastes.noise import sr_tensor_id, stochastic_rounding_bits
+from fastes.ops.dispatch import backends, choose
+from fastes.ops.stochastic_round_triton import _round_triton, triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = backends("reference", "cpp", "triton")
 
 
 def round_bf16(value: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -64,39 +58,8 @@ def stochastic_round_ref(value: torch.Tensor, dtype: torch.dtype, seed: int, nam
     return round_bf16(value, bits) if dtype == torch.bfloat16 else round_fp16(value, bits)
 
 
-if triton is not None:
-
-    @triton.jit(do_not_specialize=["n", "k0", "k1", "sr_tid", "sr_idx", "step"])
-    def _round_kernel(v_ptr, out_ptr, n, k0, k1, sr_tid, sr_idx, step, BLOCK: tl.constexpr, OUT: tl.constexpr):
-        start = tl.program_id(0).to(tl.int64) * BLOCK  # BLOCK % 4 == 0: each program owns whole blocks
-        e = start + tl.arange(0, BLOCK)
-        mask = e < n
-        v = tl.load(v_ptr + e, mask=mask, other=0.0)
-        blk = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-        x0, x1, x2, x3 = philox.philox4x32_10(blk, sr_tid, sr_idx, step, k0, k1)
-        tl.store(out_ptr + e, _round(v, _flat4(x0, x1, x2, x3), OUT), mask=mask)
-
-
-def _round_triton(value: torch.Tensor, out: torch.Tensor, seed: int, name: str, step: int) -> None:
-    """Contiguous fp32 ``value`` → contiguous ``out`` (bf16/fp16) on one device, in one launch."""
-    n = out.numel()
-    if n >= 1 << 34:
-        raise ValueError("out has more than 2**34 elements: beyond one stochastic-rounding counter space")
-    block = 4096 if _backend.triton_interpreted() else 1024
-    k0, k1 = split_seed(seed)
-    _round_kernel[(triton.cdiv(n, block),)](value, out, n, as_i32(k0), as_i32(k1), as_i32(sr_tensor_id(name)),
-                                            as_i32(SR_NOISE_INDEX), as_i32(step), BLOCK=block,
-                                            OUT=OUT_CODES[out.dtype], num_warps=4)
-
-
 def _resolve(backend: str, out: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if out.device.type == "cpu":
-        return "cpp" if getattr(_backend.extension(), "stochastic_round", None) is not None else "reference"
-    return "triton" if out.is_cuda and triton is not None else "reference"
+    return choose(backend, BACKENDS, out, cpp=getattr(_backend.extension(), "stochastic_round", None) is not None)
 
 
 def stochastic_round(value: torch.Tensor, out: torch.Tensor, seed: int, name: str, step: int,
