@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 import textwrap
+import threading
+import time
 
 import pytest
 
-from fastes.es.rewards import WeightedReward, load_reward, score_completions
+from fastes.es.rewards import TrainerState, WeightedReward, load_reward, score_completions, score_rewards
 from fastes.es.tasks import countdown
 
 PLUGIN = textwrap.dedent(
@@ -139,3 +142,108 @@ def test_task_reward_through_score_completions():
     cols = {"numbers": [[3, 5, 7, 2]] * 3, "target": [29] * 3}
     scores, stats = score_completions([(countdown.reward, 1.0)], completions, None, cols)
     assert scores == [1.0, 0.0, 0.0] and stats["reward/errors"] == 0
+
+
+# ---------------------------------------------------------------- TRL-style reward functions, as TRL users write them
+
+def trl_format_reward(completions, **kwargs):
+    """Standard format: a completion is a string; 1 when it is a think block then an answer block."""
+    return [1.0 if re.match(r"^<think>.*?</think>\s*<answer>.*?</answer>$", c, re.DOTALL) else 0.0
+            for c in completions]
+
+
+def trl_chat_length_reward(completions, **kwargs):
+    """Conversational format: each completion is a list holding one assistant message."""
+    return [-abs(20 - len(c[0]["content"])) / 20 for c in completions]
+
+
+def trl_exact_answer(prompts, completions, completion_ids, ground_truth, **kwargs):
+    """A dataset column as a keyword list; completion_ids as token id lists."""
+    return [1.0 + 0.01 * len(ids) if c.strip() == gt else 0.0
+            for c, ids, gt in zip(completions, completion_ids, ground_truth, strict=True)]
+
+
+def trl_curriculum(completions, trainer_state, **kwargs):
+    """trainer_state: weight the reward by training progress."""
+    return [trainer_state.global_step / trainer_state.max_steps for _ in completions]
+
+
+def trl_code_only(completions, task_type, **kwargs):
+    """None where the reward does not apply (a multi-task dataset)."""
+    return [None if t != "code" else float("def " in c) for c, t in zip(completions, task_type, strict=True)]
+
+
+def no_kwargs_reward(completions, answer):
+    """Written without **kwargs: gets only the arguments it names."""
+    return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_trl_standard_format_with_columns_ids_and_state():
+    completions = ["<think>x</think><answer>4</answer>", "4", "5"]
+    ids = [[1, 2, 3], [7], [8, 9]]
+    state = TrainerState(global_step=3, max_steps=12, epoch=0.5)
+    columns = {"ground_truth": ["9", "4", "4"], "task_type": ["math", "code", "math"], "answer": ["4", "4", "5"]}
+    pairs = [(trl_format_reward, 1.0), (trl_exact_answer, 2.0), (trl_curriculum, 4.0), (no_kwargs_reward, 0.5)]
+    report = score_rewards(pairs, completions, ["p1", "p2", "p3"], columns, completion_ids=ids, trainer_state=state)
+    expected = [1.0 + 0 + 1.0 + 0.0, 0 + 2 * 1.01 + 1.0 + 0.5, 0 + 0 + 1.0 + 0.5]
+    assert report.scores == pytest.approx(expected)
+    assert report.errors == {} and report.stats["reward/errors"] == 0
+    assert report.stats["reward/trl_exact_answer"] == pytest.approx(1.01 / 3)
+
+
+def test_trl_conversational_format_and_none():
+    prompts = [[{"role": "user", "content": "Write code"}], [{"role": "user", "content": "Add"}]]
+    completions = ["def f(): return 1", "x" * 30]
+    report = score_rewards([(trl_chat_length_reward, 1.0), (countdown.reward, 0.0)], completions, prompts,
+                           {"numbers": [[1, 2], [1, 2]], "target": [3, 3]})
+    assert report.scores == pytest.approx([-3 / 20, -10 / 20])  # content was read from the message
+    assert report.errors == {}
+    plain = score_rewards(trl_chat_length_reward, completions, ["a", "b"], warn=False)
+    assert plain.stats["reward/errors"] == 2 and "TypeError" in plain.errors["trl_chat_length_reward"]
+    none = score_rewards(trl_code_only, ["def g", "no", "def h"], None, {"task_type": ["code", "math", "code"]})
+    assert none.scores == [1.0, 0.0, 1.0] and none.stats["reward/none"] == 1
+
+
+def test_failure_report_names_the_plugin_and_first_error(capsys):
+    def broken_reward(completions, **kwargs):
+        raise KeyError("ground_truth")
+
+    report = score_rewards([(broken_reward, 1.0), (trl_format_reward, 1.0)], ["a", "b"], ["p", "q"])
+    assert report.errors == {"broken_reward": "KeyError: 'ground_truth'"}
+    assert report.all_failed and report.stats["reward/errors"] == 2
+    assert "reward 'broken_reward' failed: KeyError" in capsys.readouterr().err
+    scores, stats = score_completions([(trl_format_reward, 1.0)], ["a"], ["p"])  # the old interface
+    assert scores == [0.0] and stats["reward/errors"] == 0
+
+
+def test_timeout_counts_as_failure_without_hanging():
+    release = threading.Event()
+
+    def hangs_on_bad(completions, **kwargs):
+        if any(c == "bad" for c in completions):
+            release.wait(30)
+        return [1.0 for _ in completions]
+
+    t0 = time.perf_counter()
+    report = score_rewards([(hangs_on_bad, 1.0), (trl_format_reward, 1.0)], ["ok", "bad", "ok"], None,
+                           timeout_s=0.2, warn=False)
+    elapsed = time.perf_counter() - t0
+    release.set()
+    assert report.scores == [0.0, 0.0, 0.0] and report.stats["reward/timeouts"] == 1
+    assert report.stats["reward/errors"] == 3 and "timed out after 0.2 s" in report.errors["hangs_on_bad"]
+    assert elapsed < 1.0 and report.stats["reward/retried"] == 0  # a timed-out batch is not retried per item
+    assert score_rewards(hangs_on_bad, ["ok"], timeout_s=0.2).scores == [1.0]
+    with pytest.raises(ValueError, match="timeout_s"):
+        score_rewards(hangs_on_bad, ["ok"], timeout_s=-1)
+
+
+def test_timeout_zero_runs_in_the_callers_thread():
+    seen = []
+
+    def where(completions, **kwargs):
+        seen.append(threading.current_thread())
+        return [0.0 for _ in completions]
+
+    score_rewards(where, ["a"], timeout_s=0)
+    score_rewards(where, ["a"])
+    assert seen[0] is threading.main_thread() and seen[1] is not threading.main_thread()
