@@ -6,12 +6,14 @@ Each task module also exposes a module-level TRL-style ``reward(completions, pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastes.es.tasks import arithmetic, countdown, gsm8k, jsonl
+from fastes.es.tasks import arithmetic, countdown, countdown_peers, gsm8k, jsonl
 from fastes.es.tasks.arithmetic import ArithmeticTask
 from fastes.es.tasks.base import Example, Task, collate_columns
 from fastes.es.tasks.countdown import CountdownTask
+from fastes.es.tasks.countdown_peers import CountdownPeersTask
 from fastes.es.tasks.gsm8k import GSM8KTask
 from fastes.es.tasks.jsonl import JsonlTask
 
@@ -23,16 +25,28 @@ __all__ = [
     "collate_columns",
     "ArithmeticTask",
     "CountdownTask",
+    "CountdownPeersTask",
     "GSM8KTask",
     "JsonlTask",
     "arithmetic",
     "countdown",
+    "countdown_peers",
     "gsm8k",
     "jsonl",
 ]
 
-_REGISTRY: dict[str, type[Task]] = {
-    "countdown": CountdownTask,
+
+
+def _countdown(**options: Any) -> Task:
+    """``data_file`` given: the peers' countdown.json (`countdown_peers`); otherwise generated problems."""
+    if options.get("data_file") is not None:
+        return CountdownPeersTask(**options)
+    options.pop("data_file", None)
+    return CountdownTask(**options)
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {
+    "countdown": _countdown,
     "arithmetic": ArithmeticTask,
     "gsm8k": GSM8KTask,
     "jsonl": JsonlTask,
