@@ -23,7 +23,9 @@ class Population:
     each tensor's noise by std(W_t) measured once. Which parameters are perturbed:
     2-D matrices of the decoder by default; embeddings, lm_head and 1-D params
     (norms, biases) only when enabled; ``include``/``exclude`` are fnmatch patterns
-    over HF parameter names applied after those switches.
+    over HF parameter names applied after those switches. ``noise_reuse`` k > 1 keeps one
+    noise draw for k consecutive steps (EGGROLL-vLLM uses 4): step s uses the noise of
+    counter step ⌊s/k⌋, so those steps evaluate the same directions on fresh prompts.
     """
 
     size: int
@@ -41,6 +43,7 @@ class Population:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    noise_reuse: int = 1
 
     def __post_init__(self) -> None:
         check_uint(self.size, "size", U32)
@@ -56,12 +59,19 @@ class Population:
         check_uint(self.rank, "rank", U32)
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        check_uint(self.noise_reuse, "noise_reuse", U32)
+        if self.noise_reuse < 1:
+            raise ValueError(f"noise_reuse must be >= 1, got {self.noise_reuse}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
+    def noise_step(self, step: int) -> int:
+        """The counter step whose noise ES step ``step`` uses: ⌊step / noise_reuse⌋."""
+        return step // self.noise_reuse
+
     def spec(self, step: int) -> NoiseSpec:
-        return NoiseSpec(seed=self.seed, step=step, kind=self.noise, antithetic=self.antithetic)
+        return NoiseSpec(seed=self.seed, step=self.noise_step(step), kind=self.noise, antithetic=self.antithetic)
 
     def member_index(self, member: int) -> tuple[int, int]:
         """(noise index, sign) of a member; ValueError if it is outside the population."""

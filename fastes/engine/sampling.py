@@ -45,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     include_stop_str_in_output: bool = False
+    common_random_numbers: bool = False  # every member draws from the unperturbed row's stream (ES fitness CRN)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,8 +66,9 @@ class SamplingParams:
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool) or not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError("ignore_eos and include_stop_str_in_output must be booleans")
+        if not all(isinstance(v, bool) for v in (self.ignore_eos, self.include_stop_str_in_output,
+                                                 self.common_random_numbers)):
+            raise ValueError("ignore_eos, include_stop_str_in_output and common_random_numbers must be booleans")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
 
@@ -146,6 +148,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
     probs = filter_probs(logits, temperature, top_k, top_p, min_p)
+    crn = torch.tensor([p.common_random_numbers for p in params], device=dev)
+    members = torch.where(crn, torch.full_like(members, -1), members)  # CRN: the member leaves the counter
     uniforms = torch.empty(len(params), device=dev, dtype=torch.float32)
     for seed in sorted(set(seeds)):
         rows = torch.tensor([s == seed for s in seeds], device=dev)

@@ -48,6 +48,7 @@ class PopulationConfig:
     perturb_1d: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    noise_reuse: int = 1  # k consecutive steps share one noise draw (EGGROLL-vLLM: 4)
 
 
 @dataclass
@@ -66,6 +67,8 @@ class FitnessConfig:
     shaping: str = "zscore"
     pass_at_k: int | None = None  # fitness = mean over prompts of unbiased pass@k (needs samples_per_prompt >= k)
     member_fitness: str | None = None  # "module:function" receiving all rollouts of a member
+    group_size: int | None = None  # members per group for group_global/sign (null: the antithetic pair, or all)
+    center_baseline: bool = False  # also score the unperturbed weights; fitness = member score − that score
 
 
 @dataclass
@@ -81,6 +84,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    decay_to: str = "zero"  # "start": anchored decay θ ← θ − lr·wd·(θ − θ₀), θ₀ the run's starting weights
 
 
 @dataclass
@@ -94,6 +98,7 @@ class SamplingConfig:
     min_p: float = 0.0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    common_random_numbers: bool = False  # every member of a step draws from the same sampling stream
 
 
 @dataclass
@@ -196,6 +201,8 @@ class TrainConfig:
         s = self.sampling
         shape = {"temperature": 0.0} if greedy else {"temperature": s.temperature, "top_p": s.top_p,
                                                     "top_k": s.top_k, "min_p": s.min_p}
+        if not greedy and s.common_random_numbers:
+            shape["common_random_numbers"] = True
         return SamplingParams(max_tokens=s.max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos, seed=seed, **shape)
 
 
@@ -323,6 +330,7 @@ _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("population.size", lambda v, c: not (c.population.antithetic and v % 2), "even with antithetic sampling"),
     ("population.mode", *_one_of(MODES)), ("population.noise", *_one_of(NOISE_KINDS)),
     ("population.sigma_schedule", *_one_of(SCHEDULES)), ("population.rank", *_AT_LEAST_1),
+    ("population.noise_reuse", *_AT_LEAST_1),
     ("population.sigma", *_POSITIVE), ("population.sigma_final", lambda v, _c: v is None or v > 0, "> 0 or null"),
     ("lora.rank", *_AT_LEAST_1), ("lora.targets", lambda v, _c: bool(v), "a non-empty list"),
     ("lora.alpha", lambda v, _c: v is None or v > 0, "> 0 or null"),
@@ -330,10 +338,14 @@ _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("fitness.pass_at_k", lambda v, c: v is None or 1 <= v <= c.samples_per_prompt,
      "null or in [1, samples_per_prompt]"),
     ("fitness.member_fitness", lambda v, _c: v is None or ":" in v, "'module:function' or null"),
+    ("fitness.group_size", lambda v, c: v is None or (v >= 1 and c.population.size % v == 0
+                                                      and not (c.population.antithetic and v % 2)),
+     "null or an (even, with antithetic sampling) divisor of population.size"),
     ("optim.name", *_one_of(OPTIMIZERS)), ("optim.schedule", *_one_of(SCHEDULES)), ("optim.lr", *_POSITIVE),
     ("optim.min_lr", *_AT_LEAST_0), ("optim.warmup_steps", *_AT_LEAST_0), ("optim.momentum", *_UNIT),
     ("optim.betas", lambda v, _c: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     ("optim.eps", *_POSITIVE), ("optim.weight_decay", *_AT_LEAST_0),
+    ("optim.decay_to", *_one_of(("zero", "start"))),
     ("distributed.check_every", *_AT_LEAST_0), ("distributed.timeout_s", *_POSITIVE),
 ]
 

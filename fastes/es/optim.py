@@ -6,6 +6,12 @@ regenerated from counters. Momentum and Adam need g itself, so they materialize 
 a zero fp32 buffer with the same update kernel (lr = 1), keep fp32 state per perturbed
 parameter, and write the weight once (stochastic rounding below fp32, like the engine).
 Their state is the only thing besides (seed, step) a checkpoint must hold.
+
+Weight decay pulls toward zero (decoupled, W ← W − lr·wd·W) or, with ``decay_to="start"``,
+toward the run's starting weights θ₀ (anchored decay: W ← W − lr·wd·(W − θ₀), against
+forgetting). θ₀ is an fp32 copy of every perturbed tensor taken at the first step, the
+"anchor" slot: 4 bytes per perturbed parameter (one more model copy in fp32), saved
+with the optimizer state so a resumed run keeps the original anchor.
 """
 
 from __future__ import annotations
@@ -89,15 +95,43 @@ class ESOptimizer:
     name = "sgd"
     slots: tuple[str, ...] = ()
 
-    def __init__(self, weight_decay: float = 0.0) -> None:
-        self.weight_decay = float(weight_decay)
+    def __init__(self, weight_decay: float = 0.0, decay_to: str = "zero") -> None:
+        if decay_to not in ("zero", "start"):
+            raise ValueError(f"decay_to must be 'zero' or 'start', got {decay_to!r}")
+        self.weight_decay, self.decay_to = float(weight_decay), decay_to
+        if self.anchored:
+            self.slots = (*type(self).slots, "anchor")
         self.t = 0  # optimizer steps taken (skipped ES steps do not count)
         self.state: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in self.slots}
+
+    @property
+    def anchored(self) -> bool:
+        """Decay toward θ₀ (which then needs its fp32 copy), not toward zero."""
+        return self.decay_to == "start" and self.weight_decay > 0
+
+    def capture_anchor(self, engine: Engine, population: Population) -> None:
+        """θ₀: the perturbed tensors as they are now (call before the first update; a no-op once taken)."""
+        anchor = self.state.get("anchor")
+        if anchor is None:
+            return
+        for name in engine.perturbed_names(population):
+            if name not in anchor:
+                anchor[name] = engine.model.params[name].detach().float().clone()
+
+    def decay_target(self, name: str) -> torch.Tensor | float:
+        """What W decays toward: θ₀ (anchored) or 0."""
+        return self.state["anchor"][name] if self.anchored else 0.0
 
     def step(self, engine: Engine, population: Population, step: int, coeffs: torch.Tensor, lr: float) -> None:
         """Apply one update for ES step ``step`` with member coefficients ``coeffs``."""
         self.t += 1
-        if self.weight_decay:
+        self.capture_anchor(engine, population)
+        if self.anchored:
+            for name in engine.perturbed_names(population):
+                param = engine.model.params[name]
+                pulled = param.float().lerp_(self.state["anchor"][name], lr * self.weight_decay)
+                write_weight(param, pulled, population.seed, name, step)
+        elif self.weight_decay:
             factor = 1.0 - lr * self.weight_decay
             for name in engine.perturbed_names(population):
                 engine.model.params[name].mul_(factor)
@@ -114,7 +148,7 @@ class ESOptimizer:
         }
 
     def state_meta(self) -> dict[str, Any]:
-        return {"name": self.name, "t": self.t, "weight_decay": self.weight_decay}
+        return {"name": self.name, "t": self.t, "weight_decay": self.weight_decay, "decay_to": self.decay_to}
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         if meta.get("name") != self.name:
@@ -126,6 +160,9 @@ class ESOptimizer:
             if slot not in self.state:
                 raise ValueError(f"unexpected optimizer state entry {key!r} for {self.name}")
             self.state[slot][name] = tensor.to(device=device, dtype=torch.float32).contiguous()
+        if self.anchored and self.t and not self.state["anchor"]:
+            raise ValueError("resume: optim.decay_to is 'start' but the checkpoint holds no starting weights "
+                             "(it was trained with decay toward zero)")
 
     def state_bytes(self, numel: int) -> int:
         """Memory this optimizer keeps for ``numel`` perturbed elements."""
@@ -137,6 +174,7 @@ class _DirectionOptimizer(ESOptimizer):
 
     def step(self, engine: Engine, population: Population, step: int, coeffs: torch.Tensor, lr: float) -> None:
         self.t += 1
+        self.capture_anchor(engine, population)
         coeffs = torch.as_tensor(coeffs, dtype=torch.float32).reshape(-1)
         pert = Perturbation.for_model(engine.model, population, step)
         for name in engine.perturbed_names(population):
@@ -144,7 +182,7 @@ class _DirectionOptimizer(ESOptimizer):
             g = es_direction(engine, population, step, coeffs, name, pert)
             delta = self._delta(name, g, lr)
             if self.weight_decay:
-                delta.add_(param.float(), alpha=-lr * self.weight_decay)
+                delta.add_(param.float() - self.decay_target(name), alpha=-lr * self.weight_decay)
             write_weight(param, param.float() + delta, population.seed, name, step)
 
     def _buffer(self, slot: str, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -162,8 +200,8 @@ class Momentum(_DirectionOptimizer):
     name = "momentum"
     slots = ("momentum",)
 
-    def __init__(self, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-        super().__init__(weight_decay)
+    def __init__(self, momentum: float = 0.9, weight_decay: float = 0.0, decay_to: str = "zero") -> None:
+        super().__init__(weight_decay, decay_to)
         self.momentum = float(momentum)
 
     def _delta(self, name: str, g: torch.Tensor, lr: float) -> torch.Tensor:
@@ -178,8 +216,9 @@ class Adam(_DirectionOptimizer):
     name = "adam"
     slots = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(weight_decay)
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 decay_to: str = "zero") -> None:
+        super().__init__(weight_decay, decay_to)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
 
@@ -195,11 +234,11 @@ class Adam(_DirectionOptimizer):
 
 def make_optimizer(config: OptimConfig) -> ESOptimizer:
     if config.name == "sgd":
-        return ESOptimizer(config.weight_decay)
+        return ESOptimizer(config.weight_decay, config.decay_to)
     if config.name == "momentum":
-        return Momentum(config.momentum, config.weight_decay)
+        return Momentum(config.momentum, config.weight_decay, config.decay_to)
     if config.name == "adam":
-        return Adam((config.betas[0], config.betas[1]), config.eps, config.weight_decay)
+        return Adam((config.betas[0], config.betas[1]), config.eps, config.weight_decay, config.decay_to)
     raise ValueError(f"optim.name must be sgd, momentum or adam, got {config.name!r}")
 
 
@@ -241,14 +280,15 @@ class AskTell:
                           noise=p.noise, antithetic=p.antithetic, seed=config.seed, layerwise_scale=p.layerwise_scale,
                           perturb_embeddings=p.perturb_embeddings, perturb_lm_head=p.perturb_lm_head,
                           perturb_1d=p.perturb_1d, include=tuple(p.include), exclude=tuple(p.exclude),
-                          lora_alpha=lora.alpha, lora_targets=tuple(lora.targets))
+                          lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), noise_reuse=p.noise_reuse)
 
     def tell(self, step: int, fitness: torch.Tensor | Sequence[float]) -> torch.Tensor | None:
         """Shape ``fitness`` [N], apply the update; the coefficients, or None when the step is skipped (no spread)."""
         from fastes.es.fitness import coefficients, shape
 
         pop = self.ask(step)
-        shaped = shape(fitness, self.config.fitness.shaping, antithetic=pop.antithetic)
+        shaped = shape(fitness, self.config.fitness.shaping, antithetic=pop.antithetic,
+                       group_size=self.config.fitness.group_size)
         if shaped is None:
             return None
         coeffs = coefficients(shaped, pop.sigma, pop.size)

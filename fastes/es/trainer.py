@@ -171,12 +171,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """Generate with the population of ``step``, score, and apply the update; returns the metrics."""
+    def _fitness(self, texts: list[str], flat_prompts: list[str],
+                 examples: list[Any]) -> tuple[torch.Tensor, list[float], dict[str, float]]:
+        """(fitness per block, rewards, reward stats) of rollouts laid out block by block (a member, or the centre)."""
         from fastes.es.fitness import evaluate_member_fitness, make_rollouts, member_fitness
         from fastes.es.rewards import score_completions
         from fastes.es.tasks.base import collate_columns
 
+        cfg = self.config
+        per, k = cfg.prompts_per_step, cfg.samples_per_prompt
+        scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples))
+        block = per * k
+        blocks = len(scores) // block
+        grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(blocks)]
+        if self.member_fitness is not None:
+            rollouts = []
+            for m in range(blocks):
+                member_examples = examples[m * block : (m + 1) * block : k]
+                columns = collate_columns(member_examples)
+                completions = [texts[m * block + j * k : m * block + (j + 1) * k] for j in range(per)]
+                rollouts.append(make_rollouts([e.prompt for e in member_examples], completions, grid[m], columns))
+            fitness, fit_stats = evaluate_member_fitness(self.member_fitness, rollouts)
+            stats.update(fit_stats)
+        elif cfg.fitness.pass_at_k:
+            fitness = member_fitness(grid, "pass@k", k=cfg.fitness.pass_at_k)
+        else:
+            fitness = member_fitness(grid, "mean")
+        return fitness, scores, stats
+
+    def center_fitness(self, step: int) -> torch.Tensor:
+        """Fitness of the unperturbed weights on each prompt batch of ``step`` (the centre baseline), float64.
+
+        Same prompts, sampling seed and fitness rule as the members; with common random numbers also the same
+        sampling stream (the unperturbed row's), so member − centre isolates the perturbation's effect.
+        """
+        cfg = self.config
+        batches = self.batches(step)
+        prompts = [self._prompt_ids(i) for batch in batches for i in batch]
+        sampling = cfg.sampling_params(seed=derive_seed(cfg.seed, step, "sampling"))
+        outs = self.engine.generate(prompts, sampling=sampling, samples_per_prompt=cfg.samples_per_prompt)
+        texts, flat_prompts, examples = [], [], []
+        for j, index in enumerate(i for batch in batches for i in batch):
+            for completion in outs[0][j]:
+                texts.append(completion.text)
+                flat_prompts.append(self.train_set[index].prompt)
+                examples.append(self.train_set[index])
+        return self._fitness(texts, flat_prompts, examples)[0]
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Generate with the population of ``step``, score, and apply the update; returns the metrics."""
         cfg, t0 = self.config, time.perf_counter()
         pop = self.es.ask(step)
         batches = self.batches(step)
@@ -201,25 +244,14 @@ class Trainer:
                     flat_prompts.append(example.prompt)
                     examples.append(example)
                     tokens += len(completion.token_ids)
-        scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples))
-        block = per * k
-        grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(len(members))]
-        if self.member_fitness is not None:
-            rollouts = []
-            for m in range(len(members)):
-                member_examples = examples[m * block : (m + 1) * block : k]
-                columns = collate_columns(member_examples)
-                completions = [texts[m * block + j * k : m * block + (j + 1) * k] for j in range(per)]
-                rollouts.append(make_rollouts([e.prompt for e in member_examples], completions, grid[m], columns))
-            fitness, fit_stats = evaluate_member_fitness(self.member_fitness, rollouts)
-            stats.update(fit_stats)
-        elif cfg.fitness.pass_at_k:
-            fitness = member_fitness(grid, "pass@k", k=cfg.fitness.pass_at_k)
-        else:
-            fitness = member_fitness(grid, "mean")
+        fitness, scores, stats = self._fitness(texts, flat_prompts, examples)
         if self.dist is not None:  # N fitness floats cross the network; rewards and stats only for the metrics
             fitness = self.dist.gather_fitness(fitness, pop)
             scores, tokens, stats = self.dist.gather_rollouts(scores, tokens, stats)
+        if cfg.fitness.center_baseline:  # every rank scores the centre itself: same weights, prompts and seed
+            center = self.center_fitness(step)
+            stats["fitness/center"] = float(center.mean())
+            fitness = fitness - center[[self._member_batch(m) for m in range(pop.size)]]
         coeffs = self.es.tell(step, fitness)
         all_scores = torch.tensor(scores, dtype=torch.float64)
         elapsed = time.perf_counter() - t0
