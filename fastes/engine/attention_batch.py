@@ -1,46 +1,20 @@
-"""AttentionBatch: the per-forward tensors that say where each packed token's K/V goes and reads from.
+"""build_attention_batch: an AttentionBatch (fastes.models.batch) from a block manager's tables.
 
-Layout is that of ``fastes.ops.attention`` (vLLM style): S sequences' new tokens are
-packed back to back; sequence s owns rows cu_seqlens_q[s]:cu_seqlens_q[s+1], its new
-tokens sit at positions seq_lens[s] − q_len_s .. seq_lens[s] − 1, and are written to
-``slot_mapping`` (block * block_size + offset) before attention reads them back.
+The engine's own steps build their batch from persistent rows (fastes.engine.batch_state);
+this list-based builder serves tests, oracles and the KL analysis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from fastes.models.batch import AttentionBatch
+
 if TYPE_CHECKING:
     from fastes.engine.block_manager import BlockManager
-
-
-@dataclass(frozen=True)
-class AttentionBatch:
-    """cu_seqlens_q [S+1] int32, seq_lens [S] int32, block_tables [S, B] int32 (−1 padded),
-    slot_mapping [T] int64 (−1: do not write), max_q_len and max_seq_len as host ints."""
-
-    cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
-    block_tables: torch.Tensor
-    slot_mapping: torch.Tensor
-    max_q_len: int
-    max_seq_len: int
-
-    @property
-    def num_seqs(self) -> int:
-        return int(self.seq_lens.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.slot_mapping.shape[0])
-
-    def to(self, device: torch.device | str) -> AttentionBatch:
-        return AttentionBatch(self.cu_seqlens_q.to(device), self.seq_lens.to(device), self.block_tables.to(device),
-                              self.slot_mapping.to(device), self.max_q_len, self.max_seq_len)
 
 
 def build_attention_batch(manager: BlockManager, chunks: Sequence[tuple[int, int, int]],

@@ -75,6 +75,10 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._get(seq_id).blocks)
 
+    def blocks_view(self, seq_id: int) -> list[int]:
+        """The sequence's live block list (read only; ``block_table`` returns a copy)."""
+        return self._get(seq_id).blocks
+
     def ref_count(self, block: int) -> int:
         return self._refs[block]
 
@@ -128,6 +132,18 @@ class BlockManager:
         while len(seq.blocks) < self.blocks_for(seq.num_tokens):
             seq.blocks.append(self._take(seq.member))
         return self.slots(seq_id, start, seq.num_tokens)
+
+    def append_in_last_block(self, seq_id: int) -> bool:
+        """Extend by one slot if it lies in the sequence's own (unshared) last block, else change nothing.
+
+        The decode fast path: no block to take, no copy, nothing for the caller to mirror.
+        """
+        seq = self._seqs[seq_id]
+        n = seq.num_tokens
+        if n % self.block_size == 0 or self._refs[seq.blocks[-1]] > 1:
+            return False
+        seq.num_tokens = n + 1
+        return True
 
     def append_slot(self, seq_id: int) -> int:
         """One more slot for a decoded token."""

@@ -24,15 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from fastes.engine.attention_batch import AttentionBatch
+from fastes.engine.config import DEFAULT_MAX_GRAPH_BATCH
+from fastes.models.batch import AttentionBatch
 
 if TYPE_CHECKING:
     from fastes.engine.kv_cache import KVCache
     from fastes.models import CausalLM, Perturbation
 
-DEFAULT_MAX_GRAPH_BATCH = 512
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -48,6 +49,11 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
         sizes += [base + k * base // 4 for k in range(1, 5)]
         base *= 2
     return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+def _host_buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """int32 host staging memory: pinned when the graphs live on CUDA, so the copy to the device is async."""
+    return torch.empty(numel, dtype=torch.int32, pin_memory=device.type == "cuda")
 
 
 class GraphCaptureError(RuntimeError):
@@ -80,6 +86,8 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self._staging = _host_buffer(0, dev)
+        self._landing = torch.empty(0, dtype=torch.int32, device=dev)
         self._graphs: dict[tuple[int | None, int], _Graph] = {}  # (id of the perturbation, size)
         self._ptrs: tuple[int, ...] = ()
         self._pert: Perturbation | None = None
@@ -123,22 +131,39 @@ class DecodeGraphs:
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] is None}
         self._pert = pert
 
-    def run(self, input_ids: list[int], positions: list[int], members: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay."""
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, members: np.ndarray, slots: np.ndarray,
+            seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
+        """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay.
+
+        The host arrays ([S] each, ``block_tables`` [S, width]) are packed into one pinned staging buffer and
+        reach the device in one non-blocking copy; device-side copies then fill the graph's static inputs.
+        The staging buffer is reused by the next step, which is safe because every step reads its sampled
+        tokens back (a sync) before the next one prepares.
+        """
         num_seqs = len(input_ids)
         size = self.size_for(num_seqs)
         pad = size - num_seqs
-        width = max(len(t) for t in block_tables)
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, members + [-1] * pad,
-                             slots + [-1] * pad, seq_lens + [0] * pad], dtype=torch.long)
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.row_member[:size].copy_(host[2], non_blocking=True)
-        self.slot_mapping[:size].copy_(host[3], non_blocking=True)
-        self.seq_lens[:size].copy_(host[4], non_blocking=True)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.block_tables[:num_seqs, :width].copy_(tables, non_blocking=True)
+        width = block_tables.shape[1]
+        head = 5 * size
+        total = head + num_seqs * width
+        if total > self._staging.numel():
+            self._staging = _host_buffer(total, self.model.device)
+            self._landing = torch.empty(total, dtype=torch.int32, device=self.model.device)
+        host = self._staging.numpy()
+        fields = host[:head].reshape(5, size)
+        fields[:, num_seqs:] = np.array([[0], [0], [-1], [-1], [0]], dtype=np.int32)  # padded rows
+        for i, values in enumerate((input_ids, positions, members, slots, seq_lens)):
+            fields[i, :num_seqs] = values
+        host[head:total].reshape(num_seqs, width)[:] = block_tables
+        landing = self._landing[:total]
+        landing.copy_(self._staging[:total], non_blocking=True)
+        packed = landing[:head].view(5, size)
+        self.input_ids[:size].copy_(packed[0])
+        self.positions[:size].copy_(packed[1])
+        self.row_member[:size].copy_(packed[2])
+        self.slot_mapping[:size].copy_(packed[3])
+        self.seq_lens[:size].copy_(packed[4])
+        self.block_tables[:num_seqs, :width].copy_(landing[head:].view(num_seqs, width))
         key = (self._pert_id(), size)
         entry = self._graphs.get(key)
         if entry is None:

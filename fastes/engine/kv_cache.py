@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastes.engine.attention_batch import AttentionBatch
+from fastes.engine.config import DEFAULT_BLOCK_SIZE
+from fastes.models.batch import AttentionBatch
 
 if TYPE_CHECKING:
     from fastes.models.config import ModelConfig
     from fastes.models.decoder import CausalLM
     from fastes.models.perturbation import Perturbation
 
-DEFAULT_BLOCK_SIZE = 16
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

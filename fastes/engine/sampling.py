@@ -135,24 +135,37 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return token.clamp(max=probs.shape[1] - 1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: torch.Tensor,
-           members: torch.Tensor, prompts: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Next token per row [rows]; greedy rows take argmax, the others draw from their coordinates."""
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    dev = logits.device
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([max(p.top_k, 0) for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
-    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
-    probs = filter_probs(logits, temperature, top_k, top_p, min_p)
-    crn = torch.tensor([p.common_random_numbers for p in params], device=dev)
-    members = torch.where(crn, torch.full_like(members, -1), members)  # CRN: the member leaves the counter
-    uniforms = torch.empty(len(params), device=dev, dtype=torch.float32)
-    for seed in sorted(set(seeds)):
-        rows = torch.tensor([s == seed for s in seeds], device=dev)
-        uniforms[rows] = row_uniforms(seed, positions[rows], members[rows], prompts[rows], samples[rows])
-    drawn = sample_from_probs(probs, uniforms)
-    return torch.where(greedy, tokens, drawn)
+def sampling_members(params: SamplingParams, members: torch.Tensor) -> torch.Tensor:
+    """The member coordinate of each row's sampling counter: its own member, or −1 (the unperturbed row's
+    stream) for every row under common random numbers, so that all members draw the same uniforms."""
+    if params.common_random_numbers:
+        return torch.full_like(members, -1)
+    return members
+
+
+def needs_filter(params: SamplingParams) -> bool:
+    """Whether top-k, top-p or min-p is set: only then does sampling sort the vocabulary."""
+    return params.top_k > 0 or params.top_p < 1 or params.min_p > 0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seed: int, positions: torch.Tensor, members: torch.Tensor,
+           prompts: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Next token per row [rows] of one batch's ``params``; rows draw from their counter coordinates.
+
+    Fast paths, each equal bit for bit to the general one: greedy is an argmax; temperature alone is a
+    softmax and the inverse CDF, with no sort (the sort only reorders, and its scatter restores the order).
+    """
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    rows, dev = logits.shape[0], logits.device
+    temperature = torch.full((rows,), float(params.temperature), device=dev, dtype=torch.float32)
+    if needs_filter(params):
+        top_k = torch.full((rows,), max(params.top_k, 0), device=dev, dtype=torch.long)
+        top_p = torch.full((rows,), float(params.top_p), device=dev, dtype=torch.float32)
+        min_p = torch.full((rows,), float(params.min_p), device=dev, dtype=torch.float32)
+        probs = filter_probs(logits, temperature, top_k, top_p, min_p)
+    else:
+        probs = torch.softmax(logits.float() / temperature.clamp_min(1e-6).unsqueeze(1), dim=-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    uniforms = row_uniforms(seed, positions, sampling_members(params, members), prompts, samples)
+    return sample_from_probs(probs, uniforms)

@@ -34,6 +34,7 @@ class Sequence:
     blocks once its prompt is computed (the k samples of one prompt share them).
     ``prompt_key`` names the prompt in the sampling counter by its content (not its index
     in the request), so that reordering the prompts does not change what is sampled.
+    The fields after ``text`` are the scheduler's and the runner's bookkeeping.
     """
 
     seq_id: int
@@ -50,6 +51,10 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str | None = None
+    row: int = -1  # its row in the scheduler's BatchState while running
+    scheduled: int = 0  # tokens the current step computes, from num_computed on
+    last_step: int = -1  # the scheduler step that last scheduled it
+    detok: object | None = None  # incremental detokenizer state while stop strings are checked
 
     @property
     def output_ids(self) -> list[int]:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fastes.models import lora as lora_lib
+from fastes.models.batch import AttentionBatch
 from fastes.models.config import ModelConfig
 from fastes.models.perturbation import Perturbation, measure_scales
 from fastes.models.rope import apply_rope, inv_freq, rope_cos_sin
@@ -38,9 +38,6 @@ from fastes.ops.attention import paged_attention, write_kv
 from fastes.ops.lora_linear import lora_linear
 from fastes.ops.perturbed_embedding import perturbed_embedding
 from fastes.ops.perturbed_linear import perturbed_linear
-
-if TYPE_CHECKING:  # models sit below engine: the batch is only read by attribute
-    from fastes.engine.attention_batch import AttentionBatch
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
