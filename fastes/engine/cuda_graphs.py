@@ -133,7 +133,24 @@ class DecodeGraphs:
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, members: np.ndarray, slots: np.ndarray,
             seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
-        """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay.
+        """Residual stream [S, hidden] of S single-token decodes (one per sequence), from a graph replay."""
+        num_seqs = len(input_ids)
+        size = self.load(input_ids, positions, members, slots, seq_lens, block_tables)
+        key = (self._pert_id(), size)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(size)
+        self.num_replays += 1
+        self.num_padded_rows += size - num_seqs
+        if entry.graph is None:
+            return self._forward(size)[:num_seqs]
+        entry.graph.replay()
+        assert entry.hidden is not None
+        return entry.hidden[:num_seqs]
+
+    def load(self, input_ids: np.ndarray, positions: np.ndarray, members: np.ndarray, slots: np.ndarray,
+             seq_lens: np.ndarray, block_tables: np.ndarray) -> int:
+        """Fill the static inputs for S decodes (padded up to the graph size, which it returns).
 
         The host arrays ([S] each, ``block_tables`` [S, width]) are packed into one pinned staging buffer and
         reach the device in one non-blocking copy; device-side copies then fill the graph's static inputs.
@@ -142,7 +159,6 @@ class DecodeGraphs:
         """
         num_seqs = len(input_ids)
         size = self.size_for(num_seqs)
-        pad = size - num_seqs
         width = block_tables.shape[1]
         head = 5 * size
         total = head + num_seqs * width
@@ -164,17 +180,7 @@ class DecodeGraphs:
         self.slot_mapping[:size].copy_(packed[3])
         self.seq_lens[:size].copy_(packed[4])
         self.block_tables[:num_seqs, :width].copy_(landing[head:].view(num_seqs, width))
-        key = (self._pert_id(), size)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(size)
-        self.num_replays += 1
-        self.num_padded_rows += pad
-        if entry.graph is None:
-            return self._forward(size)[:num_seqs]
-        entry.graph.replay()
-        assert entry.hidden is not None
-        return entry.hidden[:num_seqs]
+        return size
 
     def _pert_id(self) -> int | None:
         """The graphs' key for the bound perturbation (its id is not reused while ``_pert`` holds it)."""
