@@ -8,8 +8,9 @@ and every sampler call is timed, and so is the whole step; a decode step's host 
 time minus the two. It is split into the scheduler's plan (``schedule``), the runner's input
 preparation (``prepare``), the rest of the runner (KV copies, logits rows, the token read-back)
 and the scheduler's bookkeeping (``postprocess``). Reported: means over the decode steps of all
-reps (so that the parts add up), and the host time's median. ``graph inputs``: the decode-graph input preparation alone (rows -> arrays -> the static
-buffers a CUDA graph replays, through ``DecodeGraphs.load`` with eager buffers on CPU), per step.
+reps (so that the parts add up), and the host time's median. ``graph inputs``: the decode-graph
+input preparation alone (rows -> arrays -> the static buffers a CUDA graph replays, through
+``DecodeGraphs.load`` with eager buffers on CPU), per step.
 
 Targets on the project's 2-core CPU (issue 19): host ≤ 2 ms per decode step at 512 sequences and
 ≤ 6 ms at 2048. JSON goes to bench/results/engine_host-<device>-<timestamp>.json.
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         res = measure(seqs, args.members, args.new_tokens, args.reps)
         ms = {k: 1e3 * v for k, v in res["mean_s"].items()}  # type: ignore[union-attr]
         print(f"  {seqs:5d} seqs: step {ms['wall']:7.2f} ms = forward {ms['forward']:7.2f} + sampler "
-              f"{ms['sampler']:5.2f} + host {ms['host']:5.2f} (median {ms['host_median']:.2f}; schedule {ms['schedule']:.2f}, prepare "
-              f"{ms['prepare']:.2f}, runner other {ms['runner_other']:.2f}, postprocess {ms['postprocess']:.2f}); "
+              f"{ms['sampler']:5.2f} + host {ms['host']:5.2f} (median {ms['host_median']:.2f}; schedule "
+              f"{ms['schedule']:.2f}, prepare {ms['prepare']:.2f}, runner other {ms['runner_other']:.2f}, "
+              f"postprocess {ms['postprocess']:.2f}); "
               f"graph inputs alone {ms['graph_inputs']:.2f} ms", flush=True)
         results.append(res)
     payload = dict(bench="engine_host", device=device_name("cpu"), **versions(), git_commit=git_commit(),
