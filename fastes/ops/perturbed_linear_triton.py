@@ -5,12 +5,22 @@ Rows are tagged with their member (``row_member``, -1 = unperturbed). A program 
 on device (``tl.cumsum`` of "member changed" flags): no host sync, CUDA-graph safe, and
 correct for any row order; sorted rows (what the engine passes) just give fewer runs.
 
+Runs are keyed by noise index, not member: an antithetic pair (2i, 2i + 1) is one run, its noise
+generated once and applied with each row's sign (half the noise of keying by member).
+
 lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
-  1. ``_shrink_kernel``: H[t] = σ·s·sign/√r · x_t B_m(t) (fp32 [T, RP]); B generated once per run.
-  2. ``_gemm_kernel`` MODE=LOWRANK: the shared base GEMM X Wᵀ, then in the epilogue, per
-     chunk of SEGC runs of the tile, one tensor-core dot Hexp [BM, SEGC·RP] · Astack
-     [SEGC·RP, BN] (SEGC·RP = 16), where Hexp holds each row's H in its run's slot and Astack
-     the runs' A tiles generated in registers.
+  1. ``_shrink_kernel``, grid (row tiles, K splits): partial H_s[t] = σ·s·sign/√r · x_t[K_s] B_m(t)[K_s]
+     (fp32 [S, T, RP]); B generated once per run and K range. A decode batch has few row tiles
+     (512 rows / 16 = 32 programs on 132 SMs, each a serial 1536-long loop: predicted ~0.15 of the
+     shrink's bandwidth); splitting the input dimension gives 256 programs (sm_90 compile: 56
+     registers, 9 CTAs/SM) and the same noise, N·in·r values.
+  2. ``_gemm_kernel`` MODE=LOWRANK: the shared base GEMM X Wᵀ, then in the epilogue H = Σ_s H_s
+     (fixed order: deterministic, no atomics) and, per chunk of SEGC runs of the tile, one
+     tensor-core dot Hexp [BM, SEGC·RP] · Astack [SEGC·RP, BN] (SEGC·RP = 16), where Hexp holds
+     each row's H in its run's slot and Astack the runs' A tiles, generated for the runs present
+     only (before: all SEGC slots, 16 per tile at r = 1 where a decode tile holds 4-8 runs).
+  Noise per launch when each run sits in one row tile (the decode layout): runs·(in + out)·r,
+  tested by tests/test_work_counts.py.
   Counted for a decode step of Qwen2.5-1.5B shapes (out x in = 1536x1536, 8960x1536,
   1536x8960), T = N·R = 2048 rows, r = 1, bf16, H100 at 3.3 TB/s, 800 TFLOP/s and ~22e12
   CUDA-core ops/s (~60 ops per Gaussian, ~6 per sign). Base GEMM: 17.3 / 70.5 / 70.5 MB and
@@ -33,9 +43,13 @@ full: Y_m = X_m (W + σ·s·E_m)ᵀ in one K loop: each (X, W) tile pair is load
   plus Box-Muller per value (Gaussian), or BN·BK/32 calls (Rademacher: one per 32-bit word,
   4x below one-per-128 so each thread owns whole words; ~6 ops per sign, 10x less than a
   Gaussian). Needs in % 4 (resp. 32) == 0, true for Qwen shapes; else one call per value.
-  Per launch: N·out·in values (+ runs straddling tiles). N = 32 at 1536x1536: 75 M values,
-  ~206 us Gaussian / ~21 us Rademacher against a 12 us GEMM, plus per-run dots of
-  (N + T/BM)·BM rows (~2x the GEMM's tensor-core work): predicted 0.05 / 0.21.
+  Per launch: (noise indices present)·out·in values when each index's rows sit in one row tile
+  (decode: 16 rows per member, 64-row tiles); N/2·numel with antithetic pairs (before: N·numel,
+  each member of a pair generating the same tile). N = 32 antithetic at 1536x1536: 38 M values,
+  predicted ~103 us Gaussian / ~11 us Rademacher against a 12 us GEMM (before: 206 / 21 us),
+  plus per-run dots of (N/2 + T/BM)·BM rows: predicted ratio 0.10 Gaussian / 0.35 Rademacher
+  (before 0.05 / 0.21). Not done: prefill (a member's rows over several row tiles) still
+  generates its noise once per row tile, (T/BM)·numel values; a member-wide M tile is the fix.
 """
 
 from __future__ import annotations
@@ -59,16 +73,6 @@ if triton is not None:
     K_PLAIN, K_LOWRANK, K_FULL = tl.constexpr(PLAIN), tl.constexpr(LOWRANK), tl.constexpr(FULL)
 
     @triton.jit
-    def _runs(rm_ptr, rows, T, BM: tl.constexpr):
-        """(member [BM] int64, run id [BM] (-1 = unperturbed), run count) of this tile's rows."""
-        valid = rows < T
-        m = tl.load(rm_ptr + rows, mask=valid, other=-1).to(tl.int64)
-        prev = tl.load(rm_ptr + rows - 1, mask=valid & (tl.arange(0, BM) > 0), other=-2).to(tl.int64)
-        start = (m >= 0) & ((tl.arange(0, BM) == 0) | (m != prev))
-        seg = tl.where(m >= 0, tl.cumsum(start.to(tl.int32), axis=0) - 1, -1)
-        return m, seg, tl.sum(start.to(tl.int32), axis=0)
-
-    @triton.jit
     def _noise_index(m, ANTI: tl.constexpr):
         """Noise index of member ids ``m`` (fastes.noise.member_noise)."""
         if ANTI:
@@ -83,6 +87,22 @@ if triton is not None:
             return 1.0 - 2.0 * (m & 1).to(tl.float32)
         else:
             return 1.0 + 0.0 * m.to(tl.float32)
+
+    @triton.jit
+    def _runs(rm_ptr, rows, T, BM: tl.constexpr, ANTI: tl.constexpr):
+        """(member [BM] int64, noise index [BM], run id [BM] (-1 = unperturbed), run count) of this tile's rows.
+
+        A run is a stretch of rows sharing one noise index: under antithetic sampling a pair of
+        members (2i, 2i + 1) forms one run, its noise generated once and applied with ±.
+        """
+        valid = rows < T
+        m = tl.load(rm_ptr + rows, mask=valid, other=-1).to(tl.int64)
+        prev = tl.load(rm_ptr + rows - 1, mask=valid & (tl.arange(0, BM) > 0), other=-2).to(tl.int64)
+        idx = tl.where(m >= 0, _noise_index(m, ANTI), -1)
+        prev_idx = tl.where(prev >= 0, _noise_index(prev, ANTI), -2)
+        start = (m >= 0) & ((tl.arange(0, BM) == 0) | (idx != prev_idx))
+        seg = tl.where(m >= 0, tl.cumsum(start.to(tl.int32), axis=0) - 1, -1)
+        return m, idx, seg, tl.sum(start.to(tl.int32), axis=0)
 
     @triton.jit
     def _dense_tile(cols, kb, IN, k0, k1, tid, idx, step,
@@ -131,38 +151,38 @@ if triton is not None:
             return tl.where(j < rank, v, 0.0)
 
     @triton.jit(do_not_specialize=_SCALARS)
-    def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, sxt, sxk, k0, k1, tid, step, coef,
+    def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, k_split, sxt, sxk, k0, k1, tid, step, coef,
                        KIND: tl.constexpr, ANTI: tl.constexpr, LAYOUT_OK: tl.constexpr, RP: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr):
-        """H[t, :] = coef·sign_t · x_t B_m(t) (fp32, zero for unperturbed rows); B generated once per run."""
+        """H_s[t, :] = coef·sign_t · x_t[K_s] B_m(t)[K_s] (fp32, zero for unperturbed rows) for the K range
+        K_s = [s·k_split, (s + 1)·k_split) of program (row tile, s); B generated once per run and K range."""
         PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32
         BLOCK: tl.constexpr = LAYOUT_OK and (BK * RP) % PER == 0
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        m, seg, nruns = _runs(rm_ptr, rows, T, BM)
+        split = tl.program_id(1)
+        m, key, seg, nruns = _runs(rm_ptr, rows, T, BM, ANTI)
+        rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
         h = tl.zeros([BM, RP], tl.float32)
+        k_end = tl.minimum(IN, (split + 1) * k_split)
         for q in range(nruns):
-            mq = tl.max(tl.where(seg == q, m, -1), axis=0)
-            idx = _noise_index(mq, ANTI)
-            sign = _noise_sign(mq, ANTI)
+            one = tl.full([1], 0, tl.int64) + tl.max(tl.where(seg == q, key, -1), axis=0)
             inq = seg == q
-            hq = tl.zeros([BM, RP], tl.float32)
-            for kb in range(0, IN, BK):
+            for kb in range(split * k_split, k_end, BK):
                 ks = kb + tl.arange(0, BK)
                 x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
-                            mask=inq[:, None] & (ks < IN)[None, :], other=0.0).to(tl.float32)
-                one = tl.full([1], 0, tl.int64) + idx
+                            mask=inq[:, None] & (ks < k_end)[None, :], other=0.0).to(tl.float32)
                 b = _factor_tile(0, rank, kb, one, k0, k1, tid, step, BK, RP, KIND, BLOCK)
-                hq += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
-            h = tl.where(inq[:, None], hq * (coef * sign), h)
+                h += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
         j = tl.arange(0, RP)
-        tl.store(h_ptr + rows.to(tl.int64)[:, None] * RP + j[None, :], h, mask=(rows < T)[:, None])
+        h_split = h_ptr + split.to(tl.int64) * T * RP
+        tl.store(h_split + rows.to(tl.int64)[:, None] * RP + j[None, :], h * rcoef[:, None], mask=(rows < T)[:, None])
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _gemm_kernel(x_ptr, w_ptr, bias_ptr, rm_ptr, h_ptr, out_ptr, T, OUT, IN, rank, a_start, T_BUCKET,
                      sxt, sxk, swn, swk, sot, son, k0, k1, tid, step, coef,
                      MODE: tl.constexpr, KIND: tl.constexpr, ANTI: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SKIP_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                     LAYOUT_OK: tl.constexpr, RP: tl.constexpr, SEGC: tl.constexpr,
+                     LAYOUT_OK: tl.constexpr, RP: tl.constexpr, SEGC: tl.constexpr, SPLITS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """out = x Wᵀ (+ per-run noise dots in the K loop: full) (+ low-rank epilogue) + bias."""
         pid = tl.program_id(0)
@@ -181,7 +201,7 @@ if triton is not None:
         omask = rmask[:, None] & cmask[None, :]
         PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32  # stream values per Philox word used
         if MODE != K_PLAIN:
-            m, seg, nruns = _runs(rm_ptr, rows, T, BM)
+            m, key, seg, nruns = _runs(rm_ptr, rows, T, BM, ANTI)
         if MODE == K_FULL:
             rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
         if SKIP_BASE:  # base (and bias) already in out, from cuBLAS
@@ -201,8 +221,8 @@ if triton is not None:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
                 if MODE == K_FULL:
                     xc = (x.to(tl.float32) * rcoef[:, None]).to(x.dtype)
-                    for q in range(nruns):
-                        idx = _noise_index(tl.max(tl.where(seg == q, m, -1), axis=0), ANTI)
+                    for q in range(nruns):  # one E tile per noise index present; rcoef holds each row's ±
+                        idx = tl.max(tl.where(seg == q, key, -1), axis=0)
                         e = _dense_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND,
                                         LAYOUT_OK and BK % PER == 0)
                         xq = tl.where((seg == q)[:, None], xc, tl.zeros_like(xc))
@@ -211,16 +231,22 @@ if triton is not None:
                 acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if MODE == K_LOWRANK:
             j = tl.arange(0, RP)
-            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * RP + j[None, :], mask=rmask[:, None], other=0.0)
+            h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * RP + j[None, :]
+            h = tl.zeros([BM, RP], tl.float32)
+            for s in tl.static_range(SPLITS):  # the shrink's K splits, summed in a fixed order
+                h += tl.load(h_ptrs + s * T * RP, mask=rmask[:, None], other=0.0)
+            slot = tl.arange(0, SEGC)
             for c in range(tl.cdiv(nruns, SEGC)):
-                slots = c * SEGC + tl.arange(0, SEGC)
-                members = tl.max(tl.where(seg[None, :] == slots[:, None], m[None, :], -1), axis=1)
-                idx = _noise_index(members, ANTI)
-                a = _factor_tile(a_start, rank, pid_n * BN, idx, k0, k1, tid, step, BN, RP, KIND,
-                                 LAYOUT_OK and (BN * RP) % PER == 0)  # [SEGC, BN, RP]
-                a = tl.reshape(tl.permute(a, (0, 2, 1)), (SEGC * RP, BN))
-                hexp = tl.where(seg[:, None, None] == slots[None, :, None], h[:, None, :], 0.0)
-                acc = tl.dot(tl.reshape(hexp, (BM, SEGC * RP)), a, acc, input_precision=PREC)
+                # A tiles of the runs present only (one noise index each), stacked [SEGC·RP, BN] for one dot
+                astack = tl.zeros([SEGC, RP, BN], tl.float32)
+                for q in range(c * SEGC, tl.minimum(nruns, c * SEGC + SEGC)):
+                    one = tl.full([1], 0, tl.int64) + tl.max(tl.where(seg == q, key, -1), axis=0)
+                    a = _factor_tile(a_start, rank, pid_n * BN, one, k0, k1, tid, step, BN, RP, KIND,
+                                     LAYOUT_OK and (BN * RP) % PER == 0)  # [1, BN, RP]
+                    astack = tl.where((slot == q - c * SEGC)[:, None, None], tl.permute(a, (0, 2, 1)), astack)
+                hexp = tl.where(seg[:, None, None] == (c * SEGC + slot)[None, :, None], h[:, None, :], 0.0)
+                acc = tl.dot(tl.reshape(hexp, (BM, SEGC * RP)), tl.reshape(astack, (SEGC * RP, BN)), acc,
+                             input_precision=PREC)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -250,6 +276,23 @@ def _tuned(which: str) -> Any:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+SHRINK_PROGRAMS = 264  # two per SM of an H100 (132 SMs): the shrink is a read of X, it needs every SM
+
+
+def _shrink_splits(T: int, IN: int, bm: int, bk: int, interp: bool) -> tuple[int, int]:
+    """(K splits, BK) of the lowrank shrink: enough (row tile, K range) programs to fill the GPU.
+
+    A decode batch has few row tiles (512 rows / 16 = 32 programs on 132 SMs), so the input dimension
+    is split too; the GEMM epilogue sums the partial H of the splits in a fixed order (no atomics).
+    Under the interpreter two splits whenever IN spans two K tiles, so that tests run the split path.
+    """
+    if interp:
+        return (2 if IN >= 2 * bk else 1), bk
+    splits = min(16, max(1, SHRINK_PROGRAMS // triton.cdiv(T, bm)), triton.cdiv(IN, 64))
+    splits = 1 << (splits.bit_length() - 1)
+    return splits, (bk if splits == 1 else 64)
 
 
 def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -285,13 +328,16 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     rm = row_member if row_member is not None else out
     prec = "ieee" if x.dtype == torch.float32 or interp else "tf32"
     skip = m == LOWRANK and base == "torch"
-    h = out
+    h, splits = out, 1
     if m == LOWRANK:
-        h = torch.empty((T, rp), dtype=torch.float32, device=x.device)
-        bms = 32 if interp or T > 4096 else 16  # >= ~128 programs at decode sizes: the shrink is a read of X
+        bms = 32 if interp or T > 4096 else 16
         bks = 128 if interp else max(16, 4096 // (bms * rp))
-        _shrink_kernel[(triton.cdiv(T, bms),)](
-            x, rm, h, T, IN, rank, x.stride(0), x.stride(1), **scalars,
+        splits, bks = _shrink_splits(T, IN, bms, bks, interp)
+        k_split = triton.cdiv(triton.cdiv(IN, splits), bks) * bks
+        splits = triton.cdiv(IN, k_split)  # no empty split
+        h = torch.empty((splits, T, rp), dtype=torch.float32, device=x.device)
+        _shrink_kernel[(triton.cdiv(T, bms), splits)](
+            x, rm, h, T, IN, rank, k_split, x.stride(0), x.stride(1), **scalars,
             coef=float(sigma * scale / math.sqrt(rank)), KIND=kind, ANTI=anti, LAYOUT_OK=rp == rank, RP=rp,
             BM=bms, BK=bks)
     if skip:
@@ -304,7 +350,7 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1))
     meta = dict(**scalars, coef=float(sigma * scale), MODE=m, KIND=kind, ANTI=anti, HAS_BIAS=bias is not None,
                 SKIP_BASE=skip, UPCAST=interp and x.dtype != torch.float32, PREC=prec,
-                LAYOUT_OK=layout_ok, RP=rp, SEGC=max(1, 16 // rp), GROUP_M=8)
+                LAYOUT_OK=layout_ok, RP=rp, SEGC=max(1, 16 // rp), SPLITS=splits, GROUP_M=8)
     grid = lambda cfg: (triton.cdiv(T, cfg["BM"]) * triton.cdiv(OUT, cfg["BN"]),)
     if interp or config is not None:
         cfg = dict(INTERPRET_CONFIG if config is None else config)
