@@ -293,7 +293,7 @@ def test_jsonl_generic_task(tmp_path):
 
 
 def test_registry():
-    assert set(TASKS) == {"countdown", "arithmetic", "gsm8k", "jsonl"}
+    assert set(TASKS) == {"countdown", "arithmetic", "gsm8k", "jsonl", "datasets"}
     assert isinstance(get_task("Countdown"), Task)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         get_task("nope")

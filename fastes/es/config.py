@@ -110,6 +110,16 @@ class DistributedConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Named eval sets, their saved outputs, and sample completions during training (fastes.es.evaluation)."""
+
+    sets: list[dict[str, Any]] = field(default_factory=list)  # [{name, task?, split?, size?, samples?, pass_k?...}]
+    save_outputs: bool = True  # <run>/evals/<name>/step-N.jsonl: every completion of every evaluation
+    log_completions_every: int = 0  # every N steps, a few training completions in metrics.jsonl and the console
+    log_completions: int = 2
+
+
+@dataclass
 class TrainConfig:
     """One ES run. ``rewards`` is a list of {func: "module:function" | "file.py:function", weight}."""
 
@@ -135,13 +145,16 @@ class TrainConfig:
     max_num_seqs: int | None = None
     cuda_graphs: bool | None = None  # decode from CUDA graphs; null: on for CUDA devices, false: always eager
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # false drops tensorboard from report_to
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # jsonl (always), tensorboard, wandb
+    reward_timeout_s: float = 300.0  # per reward call; a timeout counts as a failure (0: no worker thread)
     population: PopulationConfig = field(default_factory=PopulationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     # ------------------------------------------------------------------ construction
 
@@ -187,6 +200,9 @@ class TrainConfig:
             self.sampling_params(greedy=True)
         except ValueError as err:
             raise ValueError(f"sampling: {err}") from None
+        from fastes.es.evaluation import parse_eval_sets
+
+        parse_eval_sets(self.evaluation.sets)
 
     def _get(self, key: str) -> Any:
         obj: Any = self
@@ -346,6 +362,10 @@ _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("optim.betas", lambda v, _c: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     ("optim.eps", *_POSITIVE), ("optim.weight_decay", *_AT_LEAST_0),
     ("optim.decay_to", *_one_of(("zero", "start"))),
+    ("reward_timeout_s", *_AT_LEAST_0), ("evaluation.log_completions_every", *_AT_LEAST_0),
+    ("evaluation.log_completions", *_AT_LEAST_0),
+    ("report_to", lambda v, _c: all(str(n).lower() in ("jsonl", "tensorboard", "wandb", "none") for n in v),
+     "a list of jsonl, tensorboard, wandb (or none)"),
     ("distributed.check_every", *_AT_LEAST_0), ("distributed.timeout_s", *_POSITIVE),
 ]
 
@@ -364,6 +384,7 @@ __all__ = [
     "OptimConfig",
     "SamplingConfig",
     "DistributedConfig",
+    "EvaluationConfig",
     "read_yaml",
     "apply_overrides",
     "parse_overrides",

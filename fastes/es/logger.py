@@ -1,20 +1,46 @@
-"""Run logging: metrics.jsonl (the record of truth), a progress bar, TensorBoard if installed, curves.png.
+"""Run logging: metrics.jsonl (the record of truth), a progress bar, TensorBoard / wandb, curves.png.
 
 metrics.jsonl holds one JSON object per line with ``step`` and flat keys such as
-``reward/mean`` or ``eval/accuracy``; everything else (bar, TensorBoard, plot) is a
-view of it and is optional: none of it may stop a run.
+``reward/mean`` or ``eval/accuracy`` (and, every few steps, ``samples``: a few
+completions). ``report_to`` names the other sinks, as in TRL: ``tensorboard``
+(event files under ``<run>/tensorboard``), ``wandb`` (project ``$WANDB_PROJECT`` or
+"fastes"; ``WANDB_MODE=offline`` works without a network) and ``jsonl`` (always
+written). A sink asked for but not installed is a one-line error before the run
+starts; once running, a sink that fails is switched off with a warning, because
+none of them may stop a run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+
+
+def check_report_to(names: Sequence[str]) -> list[str]:
+    """The sinks, validated: unknown names and missing packages are one-line ValueErrors ("none": jsonl only)."""
+    names = [str(n).strip().lower() for n in names]
+    if names in (["none"], ["jsonl", "none"]):
+        return ["jsonl"]
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ValueError(f"report_to: unknown {unknown}; choose from {', '.join(REPORT_TO)} or none")
+    for name, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
+        if name in names:
+            try:
+                __import__(module)
+            except ImportError:
+                raise ValueError(f"report_to {name}: the {name} package is not installed (pip install {name})") \
+                    from None
+    return list(dict.fromkeys(["jsonl", *names]))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -66,6 +92,8 @@ class RunLogger:
         start_step: int = 0,
         progress: bool = True,
         tensorboard: bool = True,
+        report_to: Sequence[str] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -76,14 +104,19 @@ class RunLogger:
         self._plain = False
         if progress:
             self._start_progress(start_step)
+        sinks = check_report_to(report_to if report_to is not None else (["tensorboard"] if tensorboard else []))
+        self.report_to = sinks
         self._tb: Any = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._wandb: Any = None
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except Exception:  # noqa: BLE001 - TensorBoard is optional: missing or broken means off
-                self._tb = None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if "wandb" in sinks:
+            import wandb
+
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastes"), name=self.run_dir.name,
+                                     dir=str(self.run_dir), config=config or {}, reinit="create_new")
 
     def _start_progress(self, start_step: int) -> None:
         from rich.console import Console
@@ -110,16 +143,37 @@ class RunLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.last.update(record)
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        try:
+            if self._tb is not None:
+                for key, value in scalars.items():
                     self._tb.add_scalar(key, value, record["step"])
+                if record.get("samples"):
+                    self._tb.add_text("samples", _samples_markdown(record["samples"]), record["step"])
+            if self._wandb is not None and scalars:
+                self._wandb.log(scalars, step=record["step"])
+        except Exception as exc:  # noqa: BLE001 - a sink failing mid-run is switched off, the run goes on
+            print(f"warning: logging to tensorboard/wandb failed ({exc!r}); they are off for this run",
+                  file=sys.stderr, flush=True)
+            self._tb = self._wandb = None
+        if record.get("samples"):
+            self._print_samples(record["step"], record["samples"])
         info = self._summary()
         if self._bar is not None:
             done = record["step"] + (1 if "reward/mean" in record else 0)
             self._bar.update(self._task, completed=min(done, self.total), info=info)
         elif self._plain:
             print(f"step {record['step']}/{self.total} {info}", file=sys.stderr, flush=True)
+
+    def _print_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        lines = [f"step {step} sample {i} (reward {s.get('reward', float('nan')):.3g}): "
+                 + " ".join(str(s.get("completion", "")).split())[:300] for i, s in enumerate(samples)]
+        if self._bar is not None:
+            for line in lines:
+                self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _summary(self) -> str:
         parts = []
@@ -135,10 +189,20 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if not self.file.closed:
             self.file.close()
         if plot:
             plot_curves(self.run_dir)
+
+
+def _samples_markdown(samples: list[dict[str, Any]]) -> str:
+    """Completions as markdown code blocks (indented) for TensorBoard's text tab."""
+    parts = [f"**reward {s.get('reward', 0.0):.3g}**\n\n    " + str(s.get("completion", "")).replace("\n", "\n    ")
+             for s in samples]
+    return "\n\n".join(parts)
 
 
 def plot_curves(run_dir: str | Path) -> Path | None:
@@ -193,4 +257,5 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     return out
 
 
-__all__ = ["RunLogger", "read_metrics", "truncate_metrics", "plot_curves", "METRICS_FILE", "CURVES_FILE"]
+__all__ = ["RunLogger", "check_report_to", "REPORT_TO",
+           "read_metrics", "truncate_metrics", "plot_curves", "METRICS_FILE", "CURVES_FILE"]

@@ -49,10 +49,10 @@ def load_reward(spec: str) -> RewardFn:
     spec = spec.strip()
     windows_path_only = spec.count(":") == 1 and len(spec) > 2 and spec[1] == ":" and spec[2] in "\\/"
     if ":" not in spec or windows_path_only:
-        from fastes.es.tasks import TASKS
+        from fastes.es.tasks import TASK_MODULES, TASKS
 
         if spec in TASKS:
-            return importlib.import_module(f"fastes.es.tasks.{spec}").reward  # type: ignore[no-any-return]
+            return importlib.import_module(f"fastes.es.tasks.{TASK_MODULES[spec]}").reward  # type: ignore[no-any-return]
         raise ValueError(f"reward spec {spec!r}: expected 'module:function', 'file.py:function' or one of {TASKS}")
     target, attr = spec.rsplit(":", 1)
     if not attr.isidentifier():

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastes.es.tasks import arithmetic, countdown, countdown_peers, gsm8k, jsonl
+from fastes.es.tasks import arithmetic, countdown, countdown_peers, datasets_source, gsm8k, jsonl
 from fastes.es.tasks.arithmetic import ArithmeticTask
 from fastes.es.tasks.base import Example, Task, collate_columns
 from fastes.es.tasks.countdown import CountdownTask
 from fastes.es.tasks.countdown_peers import CountdownPeersTask
+from fastes.es.tasks.datasets_source import DatasetsTask
 from fastes.es.tasks.gsm8k import GSM8KTask
 from fastes.es.tasks.jsonl import JsonlTask
 
@@ -21,16 +22,19 @@ __all__ = [
     "Example",
     "Task",
     "TASKS",
+    "TASK_MODULES",
     "get_task",
     "collate_columns",
     "ArithmeticTask",
     "CountdownTask",
     "CountdownPeersTask",
+    "DatasetsTask",
     "GSM8KTask",
     "JsonlTask",
     "arithmetic",
     "countdown",
     "countdown_peers",
+    "datasets_source",
     "gsm8k",
     "jsonl",
 ]
@@ -50,8 +54,10 @@ _REGISTRY: dict[str, Callable[..., Task]] = {
     "arithmetic": ArithmeticTask,
     "gsm8k": GSM8KTask,
     "jsonl": JsonlTask,
+    "datasets": DatasetsTask,
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
+TASK_MODULES = {name: name for name in TASKS} | {"datasets": "datasets_source"}  # module with the task's reward
 
 
 def get_task(name: str, **options: Any) -> Task:
