@@ -175,6 +175,13 @@ def _embedding_lora_cases(specs: dict[str, Any]) -> list[Case]:
             quick = mode == "lowrank" and rank == 1 and dtype == torch.bfloat16
             cases.append(Case(f"embedding {mode or 'plain'} {kind or ''} r={rank} {dname}".replace("  ", " "), run,
                               subset=quick))
+    for model in (QWEN_15B, QWEN_05B):  # rank 8 at every projection shape (the cost model's LoRA decode step)
+        for lname, (out_f, in_f, _) in _linears(model).items():
+            def run_proj(out_f: int = out_f, in_f: int = in_f) -> None:
+                t, bf16 = DECODE_ROWS, torch.bfloat16
+                launcher("lora")(_meta((t, in_f), bf16), _meta((out_f, in_f), bf16), None, _meta((8, in_f), bf16),
+                                 _meta((out_f, 8), bf16), 2.0, _rows(t), specs["gaussian"], 0.1, "a", "b")
+            cases.append(Case(f"lora r=8 gaussian bf16 {model.name} {lname} T={DECODE_ROWS}", run_proj))
     for dtype in (torch.bfloat16, torch.float32):
         for rank, (out_f, in_f) in ((8, (m.hidden, m.hidden)), (16, (m.hidden, m.hidden)), (64, (m.inter, m.hidden))):
             for kind in ("gaussian", "rademacher"):

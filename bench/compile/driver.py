@@ -41,7 +41,7 @@ class Recorder:
 
     case: str = ""
     builds: list[Build] = field(default_factory=list)
-    launches: list[tuple[str, str, tuple[int, int, int]]] = field(default_factory=list)
+    launches: list[tuple[str, str, tuple[int, int, int], str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ptxas_logs: list[str] = field(default_factory=list)
 
@@ -125,7 +125,7 @@ class _Recorded:
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         grid = (int(args[0]), int(args[1]), int(args[2]))
-        REC.launches.append((REC.case, self._build.kernel, grid))
+        REC.launches.append((REC.case, self._build.kernel, grid, self._build.hash))
         self._build.launches.append((REC.case, grid))
 
     def __getattr__(self, name: str) -> Any:

@@ -56,7 +56,7 @@ def run(arch: int, subset: bool, only: str | None, shard: tuple[int, int] | None
         launches = rec.launches[first_launch:]
         case_rows.append({"name": case.name, "ok": not error, "error": error, "seconds": round(seconds, 2),
                           "builds": len(rec.builds) - first_build,
-                          "launches": [[kernel, list(grid)] for _, kernel, grid in launches]})
+                          "launches": [[kernel, list(grid), build] for _, kernel, grid, build in launches]})
         status = "ok" if not error else "FAIL"
         print(f"[{status:4}] {seconds:6.1f}s {case.name} (+{len(rec.builds) - first_build} builds)",
               file=sys.stderr, flush=True)

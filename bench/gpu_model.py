@@ -1,0 +1,265 @@
+"""PREDICTED H100 decode-step times and ES generation ratios of fastes, from counted work (no GPU).
+
+    python -m bench.gpu_model [--gate bench/results/compile-sm90-3.9.0.json] [--json out.json]
+
+One decode step of N = 32 members x 16 prompts (512 rows) at Qwen2.5-0.5B / 1.5B shapes, in the
+modes of bench/generate.py plus LoRA rank 8: every projection's kernels with their design-minimum
+noise (DESIGN.md §3: full-rank N·numel values per launch, low-rank N·(in + out)·r), FLOPs and bytes,
+on the grids, tiles and occupancy that the sm_90 compile gate recorded (bench.compile); the
+autotuned GEMM takes the config the model predicts fastest. Attention, norms, activations and
+sampling are shared by every mode. Costs per kernel: bench/gpu_cost.py. Predictions, not
+measurements: scripts/gpu_validate.sh measures the same ratios on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.compile.cases import DECODE_ROWS, MEMBERS, QWEN_05B, QWEN_15B, Model
+from bench.gpu_cost import H100, Hardware, Kernel, Time, cuda_core_seconds, gemm, kernel_time, noise_ops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYERS = {QWEN_05B.name: 24, QWEN_15B.name: 28}
+PROMPT_LEN, NEW_TOKENS = 32, 256   # bench/generate.py on a GPU: mean context 32 + 256/2
+SMALL_OPS_PER_LAYER = 20           # unfused torch launches per layer (norms, rope, activation, residuals)
+MODES = ("unperturbed", "lowrank", "full-gaussian", "full-rademacher", "lora")
+TARGETS = {"lowrank": 0.95, "full-gaussian": 0.15, "full-rademacher": 0.30, "lora": 0.70, "update_bw": 0.70}
+
+
+class Gate:
+    """The builds the compile gate recorded, looked up by case name and kernel."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.triton = data.get("versions", {}).get("triton", "?")
+        self._by_case: dict[str, list[tuple[dict[str, Any], int]]] = {}
+        for k in data["kernels"]:
+            for case, grid in k["launches"]:
+                entry = (k, math.prod(grid))
+                if entry[0] not in [b for b, _ in self._by_case.get(case, [])]:
+                    self._by_case.setdefault(case, []).append(entry)
+
+    def builds(self, case: str, kernel: str) -> list[tuple[dict[str, Any], int]]:
+        """(build record, programs of its launch in ``case``) of ``kernel``; several = autotune configs."""
+        return [(b, p) for b, p in self._by_case.get(case, []) if b["kernel"] == kernel]
+
+
+def _shape_of(b: dict[str, Any]) -> dict[str, int]:
+    return {"warps": b["num_warps"], "ctas_per_sm": b["ctas_per_sm"], "stages": max(b["num_stages"], 1)}
+
+
+@dataclass
+class Step:
+    """One decode step: its kernels (counted once per launch) with their predicted times."""
+
+    kernels: list[tuple[Kernel, Time, int]]  # kernel, time of one launch, launches per step
+
+    def seconds(self, which: str = "low") -> float:
+        return sum(getattr(t, which) * n for _, t, n in self.kernels)
+
+    def noise_values(self) -> float:
+        return sum(k.noise_values * n for k, _, n in self.kernels)
+
+
+def _projections(m: Model) -> list[tuple[str, int, int, str]]:
+    """(name, out, in, gate case name) of one layer's projections; v shares k's shape, gate up's."""
+    q, kv = m.q_heads * m.head_dim, m.kv_heads * m.head_dim
+    return [("q", q, m.hidden, "q"), ("k", kv, m.hidden, "k"), ("v", kv, m.hidden, "k"), ("o", m.hidden, q, "o"),
+            ("gate", m.inter, m.hidden, "up"), ("up", m.inter, m.hidden, "up"), ("down", m.hidden, m.inter, "down")]
+
+
+def _members_per_tile(bm: int, t: int, n: int) -> int:
+    """Members whose rows meet one row tile of ``bm`` rows (rows sorted by member, t/n rows each)."""
+    return max(1, math.ceil(bm / max(t // n, 1)))
+
+
+def _fastest(options: list[list[Kernel]], hw: Hardware) -> list[Kernel]:
+    """The autotuner's choice, as predicted: the config whose kernels take least time together."""
+    return min(options, key=lambda ks: sum(kernel_time(k, hw).low for k in ks))
+
+
+def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_shape: str, t: int = DECODE_ROWS,
+                   n: int = MEMBERS, rank: int = 1, hw: Hardware = H100) -> list[Kernel]:
+    """The kernels of one projection in ``mode`` at decode, on the gate's tiles for that shape."""
+    gate_mode = {"unperturbed": "plain", "lora": "plain"}.get(mode, mode.split("-")[0])
+    kind = "rademacher" if mode == "full-rademacher" else "gaussian"
+    label = f"{gate_mode} {kind} " if gate_mode != "plain" else "plain "
+    case = f"linear {label}bf16 {m.name} {case_shape} T={t}"
+    options = []
+    for b, programs in gate.builds(case, "_gemm_kernel") or [({"constexprs": {"BM": 128, "BN": 128, "BK": 64},
+                                                               "num_warps": 8, "ctas_per_sm": 1, "num_stages": 3},
+                                                              0)]:
+        c = b["constexprs"]
+        main = gemm(f"gemm {mode}", t, n_in, n_out, c["BM"], c["BN"], c["BK"], programs or None, **_shape_of(b))
+        if gate_mode == "lowrank":  # epilogue: the A rows of the members present in each tile, T·out·r FMAs
+            main.add_noise(math.ceil(t / c["BM"]) * _members_per_tile(c["BM"], t, n) * n_out * rank, kind)
+            main.fp_ops += t * n_out * rank
+        elif gate_mode == "full":  # each member's rows take their own pass over the W tile with its noise
+            main.tc_flops *= _members_per_tile(c["BM"], t, n)
+            main.add_noise(n * n_in * n_out, kind, apply=True)
+        options.append([main])
+    chosen = _fastest(options, hw)
+    if gate_mode == "lowrank":
+        chosen = _lowrank_shrink(gate, case, t, n_in, n, rank, kind) + chosen
+    if mode == "lora":
+        chosen = chosen + _lora(gate, m, case_shape, t, n_in, n_out, n)
+    return chosen
+
+
+def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int, kind: str) -> list[Kernel]:
+    """h = x·B_m for every row: x read again, each member's B_m (in × r) generated once."""
+    found = gate.builds(case, "_shrink_kernel")
+    b, programs = found[0] if found else ({"constexprs": {"BM": 16, "BK": 256}, "num_warps": 4, "ctas_per_sm": 4,
+                                           "num_stages": 3}, math.ceil(t / 16))
+    c = b["constexprs"]
+    tiles = math.ceil(t / c["BM"]) * math.ceil(n_in / c["BK"])
+    k = Kernel("lowrank shrink", bytes=2 * t * n_in + 4 * t * rank, fp_ops=t * n_in * rank, programs=programs,
+               iters=tiles / programs, **_shape_of(b))
+    return [k.add_noise(n * n_in * rank, kind)]
+
+
+def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, n: int, rank: int = 8) -> list[Kernel]:
+    """Rank-8 LoRA on the shared base GEMM: shrink H = x·A_mᵀ and expand y += H·B_mᵀ, noise on A and B."""
+    case = f"lora r={rank} gaussian bf16 {m.name} {case_shape} T={t}"
+    out = []
+    for kernel, width, bytes_ in (("_shrink_kernel", n_in, 2 * t * n_in + 2 * rank * n_in + 4 * t * rank),
+                                  ("_expand_kernel", n_out, 4 * t * n_out + 4 * t * rank + 2 * n_out * rank)):
+        found = gate.builds(case, kernel)
+        b, programs = found[0] if found else ({"constexprs": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32,
+                                                              "R_PAD": 16}, "num_warps": 4, "ctas_per_sm": 2,
+                                               "num_stages": 3}, 0)
+        c = b["constexprs"]
+        bm, r_pad = c["BLOCK_M"], c.get("R_PAD", 16)
+        per_tile = _members_per_tile(bm, t, n)
+        block = c["BLOCK_K"] if kernel == "_shrink_kernel" else c["BLOCK_N"]
+        tiles = math.ceil(t / bm) * math.ceil(width / block)
+        programs = programs or (math.ceil(t / bm) * (1 if kernel == "_shrink_kernel" else math.ceil(width / block)))
+        k = Kernel(f"lora {kernel[1:-7]}", bytes=bytes_, tc_flops=2.0 * t * width * r_pad * per_tile, tc="tf32",
+                   programs=programs, iters=tiles * per_tile / programs, **_shape_of(b))
+        out.append(k.add_noise(n * width * rank, "gaussian"))
+    return out
+
+
+def shared_kernels(gate: Gate, m: Model, t: int = DECODE_ROWS, ctx: int = PROMPT_LEN + NEW_TOKENS // 2,
+                   hw: Hardware = H100) -> list[tuple[Kernel, int]]:
+    """Per-step kernels every mode runs the same: attention, small ops, LM head, sampling (kernel, launches)."""
+    layers = LAYERS[m.name]
+    kv_bytes = t * ctx * m.kv_heads * m.head_dim * 2 * 2
+    found = gate.builds(f"attn decode bf16 {m.name} seqs={t} ctx=1024 window=None", "_decode_kernel")
+    b, programs = found[0] if found else ({"num_warps": 4, "ctas_per_sm": 2, "num_stages": 3}, t * m.kv_heads)
+    attn = Kernel("attention decode", bytes=kv_bytes + 4 * t * m.q_heads * m.head_dim, programs=programs,
+                  iters=math.ceil(ctx / 64), **_shape_of(b))
+    small = Kernel("small ops", bytes=(24 * t * m.hidden * 2 + 5 * t * m.inter * 2 + 16 * t * (m.q_heads + m.kv_heads)
+                                       * m.head_dim) / SMALL_OPS_PER_LAYER)
+    head_builds = [(bb, 0) for bb, _ in gate.builds("linear plain bf16 lm_head", "_gemm_kernel")]
+    head = _fastest([[gemm("lm head", t, m.hidden, m.vocab, bb["constexprs"]["BM"], bb["constexprs"]["BN"],
+                           bb["constexprs"]["BK"], None, **_shape_of(bb))] for bb, _ in head_builds]
+                    or [[gemm("lm head", t, m.hidden, m.vocab, 128, 256, 64)]], hw)[0]
+    sampling = Kernel("logits to fp32 + sampling", bytes=t * m.vocab * (2 + 4 + 4))
+    return [(attn, layers), (small, layers * SMALL_OPS_PER_LAYER), (head, 1), (sampling, 2)]
+
+
+def decode_step(gate: Gate, m: Model, mode: str, hw: Hardware = H100) -> Step:
+    """Every kernel of one decode step of ``m`` in ``mode``, with its predicted time."""
+    rows: list[tuple[Kernel, Time, int]] = []
+    for _, n_out, n_in, shape in _projections(m):
+        for k in linear_kernels(gate, m, mode, n_out, n_in, shape, hw=hw):
+            rows.append((k, kernel_time(k, hw), LAYERS[m.name]))
+    rows += [(k, kernel_time(k, hw), n) for k, n in shared_kernels(gate, m, hw=hw)]
+    return Step(rows)
+
+
+def update_kernel(gate: Gate, m: Model, n: int = MEMBERS, hw: Hardware = H100) -> tuple[Kernel, Time, float]:
+    """The lowrank ES update of one [inter, hidden] bf16 matrix: (kernel, time, fraction of HBM bandwidth)."""
+    out_f, in_f = m.inter, m.hidden
+    folded = n // 2  # antithetic pairs fold into one index each
+    found = gate.builds(f"es_update lowrank gaussian r=1 bf16 {out_f}x{in_f}", "_lowrank_kernel")
+    b, programs = found[0] if found else ({"constexprs": {"BM": 64, "BN": 128}, "num_warps": 8, "ctas_per_sm": 1,
+                                           "num_stages": 3}, 0)
+    bm, bn = b["constexprs"]["BM"], b["constexprs"]["BN"]
+    programs = programs or math.ceil(out_f / bm) * math.ceil(in_f / bn)
+    numel = out_f * in_f
+    k = Kernel("lowrank update", bytes=2 * 2 * numel, tc_flops=3 * 2.0 * numel * folded, tc="tf32", programs=programs,
+               iters=1, **_shape_of(b))
+    k.add_noise(programs * (bm + bn) * folded, "gaussian")  # each tile generates its A rows and B columns
+    sr_int, _ = noise_ops(numel, "gaussian")  # one Philox word per element for stochastic rounding
+    k.int_ops += sr_int
+    k.fp_ops += 4 * numel
+    t = kernel_time(k, hw)
+    ideal = k.bytes / hw.hbm_bytes_s
+    return k, t, ideal / t.low
+
+
+def gaussian_noise_bound(m: Model, hw: Hardware = H100, n: int = MEMBERS) -> float:
+    """Seconds of CUDA-core time per decode step just to generate full-rank Gaussian noise: N·numel values."""
+    numel = sum(o * i for _, o, i, _ in _projections(m)) * LAYERS[m.name]
+    return cuda_core_seconds(*noise_ops(n * numel, "gaussian"), hw.sms, hw)
+
+
+def predict(gate: Gate, hw: Hardware = H100) -> dict[str, Any]:
+    """Step times, generation ratios (ranges) and the update's bandwidth fraction at both shapes."""
+    out: dict[str, Any] = {"label": "PREDICTED by bench/gpu_model.py (no GPU measurement)", "triton": gate.triton,
+                           "models": {}}
+    for m in (QWEN_05B, QWEN_15B):
+        steps = {mode: decode_step(gate, m, mode, hw) for mode in MODES}
+        base_low, base_high = steps["unperturbed"].seconds("low"), steps["unperturbed"].seconds("high")
+        entry: dict[str, Any] = {"step_ms": {}, "ratio": {}, "noise_values_per_step": {}}
+        for mode, step in steps.items():
+            entry["step_ms"][mode] = [round(step.seconds("low") * 1e3, 3), round(step.seconds("high") * 1e3, 3)]
+            entry["noise_values_per_step"][mode] = step.noise_values()
+            if mode != "unperturbed":  # best case: everything overlaps in both; worst: serialised in both
+                both = (base_high / step.seconds("high"), base_low / step.seconds("low"))
+                entry["ratio"][mode] = [round(min(both), 3), round(max(both), 3)]
+        bound = gaussian_noise_bound(m, hw)
+        entry["gaussian_noise_bound_ms"] = round(bound * 1e3, 3)
+        entry["gaussian_ratio_bound"] = round(base_low / max(base_low, bound), 3)
+        _, t, frac = update_kernel(gate, m, hw=hw)
+        entry["update"] = {"us": round(t.low * 1e6, 1), "bound": t.bound, "bandwidth_fraction": round(frac, 3)}
+        out["models"][m.name] = entry
+    return out
+
+
+def _latest_gate() -> Path | None:
+    found = sorted(RESULTS.glob("compile-sm90-*.json"))
+    return found[-1] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_model", description=__doc__.splitlines()[0])
+    ap.add_argument("--gate", help="compile-gate JSON (default: the newest bench/results/compile-sm90-*.json)")
+    ap.add_argument("--json", help="write the predictions here")
+    args = ap.parse_args(argv)
+    path = Path(args.gate) if args.gate else _latest_gate()
+    if path is None or not path.is_file():
+        ap.error(f"no compile-gate JSON at {path or 'bench/results/compile-sm90-*.json'}: run python -m bench.compile")
+    try:
+        gate = Gate(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:
+        ap.error(f"{path} is not a compile-gate report: {err}")
+    result = predict(gate)
+    result["gate"] = str(path)
+    print(f"{result['label']}; tiles/occupancy from {path.name}")
+    for name, e in result["models"].items():
+        print(f"{name}: unperturbed step {e['step_ms']['unperturbed'][0]:.2f}-{e['step_ms']['unperturbed'][1]:.2f} ms")
+        for mode, (lo, hi) in e["ratio"].items():
+            verdict = "meets" if lo >= TARGETS[mode] else "range spans" if hi >= TARGETS[mode] else "MISSES"
+            print(f"  {mode:16s} ratio {lo:.3f}-{hi:.3f} (target >= {TARGETS[mode]:.2f}: {verdict}); step "
+                  f"{e['step_ms'][mode][0]:.2f}-{e['step_ms'][mode][1]:.2f} ms, "
+                  f"{e['noise_values_per_step'][mode]:.3g} noise values")
+        print(f"  full-rank Gaussian noise bound: {e['gaussian_noise_bound_ms']:.1f} ms of CUDA-core time per step "
+              f"-> ratio <= {e['gaussian_ratio_bound']:.3f}")
+        u = e["update"]
+        print(f"  lowrank update [inter x hidden]: {u['us']:.1f} us ({u['bound']}-bound), "
+              f"{u['bandwidth_fraction']:.0%} of HBM bandwidth (target >= 70%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The H100 cost model (bench/gpu_cost.py, bench/gpu_model.py) against hand-computed formulas."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_cost, gpu_model
+from bench.compile.cases import DECODE_ROWS, MEMBERS, QWEN_05B, QWEN_15B
+from bench.gpu_cost import H100, Kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+EMPTY = gpu_model.Gate({"kernels": []})  # every launch shape from the model's documented defaults
+
+
+def test_noise_instruction_counts() -> None:
+    # 8 Gaussians: 2 Philox calls (66 int ops each), 4 Box-Muller pairs (56 fp ops each)
+    assert gpu_cost.noise_ops(8, "gaussian") == (2 * 66, 4 * 56)
+    # 256 signs: 2 Philox calls, 2 int ops per sign, no fp
+    assert gpu_cost.noise_ops(256, "rademacher") == (2 * 66 + 256 * 2, 0.0)
+    with pytest.raises(ValueError, match="kind"):
+        gpu_cost.noise_ops(4, "uniform")
+
+
+def test_cuda_core_time_takes_the_binding_pipe() -> None:
+    per_s = 132 * 1.755e9
+    assert gpu_cost.cuda_core_seconds(1e9, 0, 132) == pytest.approx(1e9 / (64 * per_s))      # INT32 half rate
+    assert gpu_cost.cuda_core_seconds(0, 1e9, 132) == pytest.approx(1e9 / (128 * per_s))     # FP32
+    assert gpu_cost.cuda_core_seconds(1e9, 3e9, 132) == pytest.approx(4e9 / (128 * per_s))  # issue-bound mix
+    assert gpu_cost.cuda_core_seconds(1e9, 0, 66) == pytest.approx(2 * 1e9 / (64 * per_s))   # half the SMs
+
+
+def test_memory_bound_kernel_and_small_grids() -> None:
+    one_second = 3.35e12 * 0.90
+    full = gpu_cost.kernel_time(Kernel("copy", bytes=one_second, programs=132 * 8))
+    assert full.bound == "memory" and full.low == pytest.approx(1 + 2e-6)
+    half = gpu_cost.kernel_time(Kernel("copy", bytes=one_second, programs=66))
+    assert half.low == pytest.approx(2 + 2e-6)  # 66 programs reach 66 of the 132 SMs
+
+
+def test_tensor_bound_and_serialised_noise() -> None:
+    k = Kernel("gemm", tc_flops=989e12 * 0.8 * 1e-3, programs=264, warps=8, ctas_per_sm=2, fp_ops=128 * 132 * 1.755e9
+               * 0.5e-3)
+    t = gpu_cost.kernel_time(k)
+    assert t.bound == "tensor"
+    assert t.low == pytest.approx(1e-3 + 2e-6)
+    assert t.high == pytest.approx(1e-3 + 0.5e-3 + 2e-6)  # the 0.5 ms of FP32 work after the MMAs
+    # one CTA of 8 warps per SM hides half the latency (16 warps needed): the CUDA-core part doubles
+    t1 = gpu_cost.kernel_time(Kernel("gemm", fp_ops=k.fp_ops, programs=132, warps=8, ctas_per_sm=1))
+    assert t1.low == pytest.approx(1e-3 + 2e-6)
+
+
+def test_latency_bound_small_grid() -> None:
+    k = Kernel("shrink", bytes=1e3, programs=8, iters=100, stages=1)
+    t = gpu_cost.kernel_time(k)
+    assert t.bound == "latency" and t.low == pytest.approx(100 * 0.7e-6 + 2e-6)
+    piped = gpu_cost.kernel_time(Kernel("shrink", bytes=1e3, programs=8, iters=100, stages=3))
+    assert piped.low == pytest.approx(100 * 0.7e-6 / 2 + 2e-6)
+
+
+def test_gemm_counts() -> None:
+    k = gpu_cost.gemm("up", 512, 1536, 8960, 128, 128, 64)
+    assert k.bytes == 2 * (8960 * 1536 + 512 * 1536 + 512 * 8960)
+    assert k.tc_flops == 2 * 512 * 1536 * 8960
+    assert k.programs == 4 * 70 and k.iters == 1536 / 64
+
+
+def _per_layer(model: object, fn: object) -> float:
+    return sum(fn(o, i) for _, o, i, _ in gpu_model._projections(model)) * gpu_model.LAYERS[model.name]
+
+
+@pytest.mark.parametrize("model", [QWEN_05B, QWEN_15B])
+def test_decode_step_generates_the_design_minimum_noise(model: object) -> None:
+    n = MEMBERS
+    assert gpu_model.decode_step(EMPTY, model, "unperturbed").noise_values() == 0
+    full = gpu_model.decode_step(EMPTY, model, "full-gaussian").noise_values()
+    assert full == _per_layer(model, lambda o, i: n * o * i)  # N·numel, nothing per row tile
+    low = gpu_model.decode_step(EMPTY, model, "lowrank").noise_values()
+    assert low == _per_layer(model, lambda o, i: n * (o + i))  # N·(in + out)·r, r = 1
+    lora = gpu_model.decode_step(EMPTY, model, "lora").noise_values()
+    assert lora == _per_layer(model, lambda o, i: n * (o + i) * 8)
+
+
+def test_full_rank_passes_per_member_over_each_row_tile() -> None:
+    t, n = DECODE_ROWS, MEMBERS  # 16 rows per member: a 64-row tile holds 4 members, 4 passes of its W tile
+    assert gpu_model._members_per_tile(64, t, n) == 4 and gpu_model._members_per_tile(16, t, n) == 1
+    gate = gpu_model.Gate({"kernels": [
+        {"kernel": "_gemm_kernel", "constexprs": {"BM": 64, "BN": 64, "BK": 64}, "num_warps": 4, "num_stages": 2,
+         "ctas_per_sm": 2, "launches": [[f"linear full gaussian bf16 {QWEN_15B.name} q T={t}", [192, 1, 1]]]}]})
+    (k,) = gpu_model.linear_kernels(gate, QWEN_15B, "full-gaussian", 1536, 1536, "q")
+    assert k.tc_flops == 2 * t * 1536 * 1536 * 4
+    assert k.programs == 192 and k.ctas_per_sm == 2 and k.iters == 1536 / 64
+    assert k.fp_ops == n * 1536 * 1536 / 2 * 56 + n * 1536 * 1536 * 2.5
+
+
+def test_autotune_pick_is_the_fastest_predicted_config() -> None:
+    case = f"linear plain bf16 {QWEN_15B.name} q T={DECODE_ROWS}"
+    builds = [{"kernel": "_gemm_kernel", "constexprs": {"BM": bm, "BN": bn, "BK": 64}, "num_warps": w,
+               "num_stages": 3, "ctas_per_sm": ctas, "launches": [[case, [p, 1, 1]]]}
+              for bm, bn, p, w, ctas in ((128, 256, 24, 8, 1), (64, 64, 192, 4, 3))]
+    (k,) = gpu_model.linear_kernels(gpu_model.Gate({"kernels": builds}), QWEN_15B, "unperturbed", 1536, 1536, "q")
+    assert k.programs == 192  # 24 programs leave 108 SMs idle; 192 fit in one wave at 3 CTAs/SM
+    one_wave = gpu_cost.kernel_time(k)
+    assert one_wave.low < gpu_cost.kernel_time(dataclasses.replace(k, ctas_per_sm=1)).low  # two waves
+
+
+def test_gaussian_bound_is_n_numel_values_on_the_cuda_cores() -> None:
+    numel = _per_layer(QWEN_15B, lambda o, i: o * i)
+    assert numel == 28 * (1536 * (1536 + 256 + 256 + 1536) + 3 * 8960 * 1536)
+    values = MEMBERS * numel
+    issue = (values / 4 * 66 + values / 2 * 56) / (128 * 132 * 1.755e9)
+    assert gpu_model.gaussian_noise_bound(QWEN_15B) == pytest.approx(issue)
+
+
+def test_update_bandwidth_fraction() -> None:
+    k, t, frac = gpu_model.update_kernel(EMPTY, QWEN_15B)
+    numel = 8960 * 1536
+    assert k.bytes == 4 * numel and k.tc_flops == 3 * 2 * numel * 16
+    assert k.programs == math.ceil(8960 / 64) * math.ceil(1536 / 128)
+    assert frac == pytest.approx(4 * numel / 3.35e12 / t.low)
+    assert frac <= H100.mem_eff
+
+
+def test_predict_reports_ranges_and_cli(tmp_path: Path) -> None:
+    result = gpu_model.predict(EMPTY)
+    assert result["label"].startswith("PREDICTED")
+    for entry in result["models"].values():
+        for lo, hi in entry["ratio"].values():
+            assert 0 < lo <= hi <= 1
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"kernels": []}))
+    out = tmp_path / "pred.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--gate", str(gate), "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "PREDICTED" in done.stdout and json.loads(out.read_text())["models"].keys() == result["models"].keys()
+    bad = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--gate", str(tmp_path / "none.json")], cwd=ROOT,
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert bad.returncode == 2 and "compile-gate JSON" in bad.stderr
