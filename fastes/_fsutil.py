@@ -31,3 +31,10 @@ def fsync_tree(path: Path, ignore_errors: bool = False) -> None:
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(path, ignore_errors)
+
+
+def chmod_like_mkdir(path: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (0700) the mode ``mkdir`` would: 0777 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)

@@ -1,7 +1,10 @@
 """`fastes train | eval | generate | bench`: argument parsing only; the work lives in fastes.es and the engine.
 
-Bad input (missing file, unknown key or task, invalid value, malformed model directory)
-is reported as one line on stderr with exit code 2, before anything is written.
+Bad input (missing file, unknown key or task, invalid value, malformed model directory,
+a device this machine lacks) is reported as one line on stderr with exit code 2, before
+anything is written. A checkpoint is data: resuming never imports or calls plug-in code
+that only the checkpoint names (the user names it again, or passes --trust-checkpoint-code),
+and --dry-run imports and calls nothing of the user's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def _parser() -> OneLineParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     train.add_argument("--config", help="YAML config (default: the bundled demo)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan; run nothing")
+    train.add_argument("--trust-checkpoint-code", action="store_true",
+                       help="with --resume and no --config: import the plug-ins (task, rewards, member_fitness) the "
+                       "checkpoint names; without it they must be named again on the command line")
     ev = sub.add_parser("eval", help="greedy accuracy and reward of a model on a task's held-out set",
                         allow_abbrev=False)
     ev.add_argument("--model", required=True, help="HF model directory")
@@ -112,9 +118,46 @@ def _resolve_model_path(data: dict[str, Any], config_file: Path) -> None:
                 return
 
 
-def load_train_config(config_file: str | None, overrides: list[str]) -> tuple[Any, bool]:
-    """(TrainConfig, is_demo) from --config, or from the checkpoint named by --resume, or the demo config."""
+def checkpoint_plugins(data: dict[str, Any]) -> dict[tuple[str, ...], str]:
+    """Config key -> plug-in spec of every user code reference in a config mapping (built-in task names excluded)."""
+    found: dict[tuple[str, ...], str] = {}
+    task = data.get("task")
+    if isinstance(task, str) and ":" in task:
+        found[("task",)] = task
+    rewards = data.get("rewards") or []
+    specs = [r.get("func") if isinstance(r, dict) else r for r in (rewards if isinstance(rewards, list) else [rewards])]
+    specs = [str(f) for f in specs if f is not None and ":" in str(f)]
+    if specs:
+        found[("rewards",)] = ", ".join(specs)
+    fitness = data.get("fitness")
+    if isinstance(fitness, dict) and fitness.get("member_fitness"):
+        found[("fitness", "member_fitness")] = str(fitness["member_fitness"])
+    return found
+
+
+def _checkpoint_data(resume: str, overrides: list[str], trust: bool) -> dict[str, Any]:
+    """The config stored in a checkpoint, minus its authority to run code, writing where the run now is."""
     from fastes.es import checkpoint
+    from fastes.es.config import parse_overrides, resolve_key
+
+    found = checkpoint.find_checkpoint(resume)
+    data = dict(checkpoint.load_state(found)["config"])
+    given = {resolve_key(k.replace("-", "_")) for k, _ in parse_overrides(overrides)
+             if not k.startswith("task_options.")}
+    untrusted = {key: spec for key, spec in checkpoint_plugins(data).items() if key not in given}
+    if untrusted and not trust:
+        named = ", ".join(f"{'.'.join(k)} {v!r}" for k, v in untrusted.items())
+        again = ", ".join(f"--{'.'.join(k)}" for k in untrusted)
+        raise BadInput(f"resume: the checkpoint names plug-in code ({named}); a checkpoint is data, so fastes runs "
+                       f"no code it names: name it again ({again}) or add --trust-checkpoint-code")
+    if ("out",) not in given and found.parent.name == "checkpoints":  # a moved run writes where it now is
+        data["out"] = str(found.parent.parent)
+    return data
+
+
+def load_train_config(config_file: str | None, overrides: list[str], trust_checkpoint: bool = False
+                      ) -> tuple[Any, bool]:
+    """(TrainConfig, is_demo) from --config, or from the checkpoint named by --resume, or the demo config."""
     from fastes.es.config import TrainConfig, apply_overrides, parse_overrides, read_yaml
 
     resume = next((v for k, v in parse_overrides(overrides) if k == "resume"), None)
@@ -123,7 +166,7 @@ def load_train_config(config_file: str | None, overrides: list[str]) -> tuple[An
         data = read_yaml(config_file)
         _resolve_model_path(data, Path(config_file))
     elif resume:
-        data = checkpoint.load_state(checkpoint.find_checkpoint(resume))["config"]
+        data = _checkpoint_data(resume, overrides, trust_checkpoint)
     else:
         demo = demo_config()
         if demo is None:
@@ -137,14 +180,17 @@ def load_train_config(config_file: str | None, overrides: list[str]) -> tuple[An
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    config, is_demo = load_train_config(args.config, overrides)
-    if args.dry_run:
+    config, is_demo = load_train_config(args.config, overrides, args.trust_checkpoint_code)
+    if args.dry_run:  # imports and calls nothing of the user's: plug-ins are listed, not loaded
         from fastes.es.memory_plan import plan_memory
         from fastes.es.runtime import resolve_task
 
-        resolve_task(config.task, config.task_options)  # a bad task name or option fails here, not mid-run
+        if ":" not in config.task:
+            resolve_task(config.task, config.task_options)  # a bad built-in task name or option fails here
         plan = plan_memory(config)
         print(config.to_yaml(), end="")
+        for key, spec in checkpoint_plugins(config.to_dict()).items():
+            print(f"# plug-in {'.'.join(key)}: {spec} (not imported in a dry run)")
         print("# memory plan")
         for item, amount in plan:
             print(f"#   {item:<18} {amount}")
@@ -154,10 +200,16 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if is_demo:
         print(f"fastes: running the demo config {demo_config()}", file=sys.stderr)
     from fastes.es.distributed import DistributedError
+    from fastes.es.safety import PluginFailure
 
     try:
         trainer = Trainer(config)  # loads and validates everything before the run directory is created
         result = trainer.train()
+    except PluginFailure as err:  # not bad input: the user's code broke at run time
+        print(f"fastes: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        if config.distributed and os.environ.get("WORLD_SIZE", "1") != "1":
+            os._exit(1)  # as below: skip the teardown of a process group
+        return 1
     except DistributedError as err:  # a peer died or hung: not bad input, and the last checkpoint is intact
         print(f"fastes: error: distributed run stopped: {err}; resume from the last checkpoint in {config.out} "
               "with --resume (any number of processes)", file=sys.stderr, flush=True)

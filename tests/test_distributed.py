@@ -108,6 +108,19 @@ def test_checksum_sees_any_single_element_change(dtype, cols):
     assert checksums({"b": t, "a": t[:1]}).shape == (2,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1000, 333])
+def test_checksum_sees_permuted_rows_and_elements(dtype, cols):
+    t = torch.randn(4, cols).to(dtype)
+    ref = tensor_checksum(t)
+    for perm in ([1, 0, 2, 3], [3, 1, 2, 0], [1, 2, 3, 0]):  # swapped rows, a cycle: the same multiset of bytes
+        assert not torch.equal(tensor_checksum(t[perm].contiguous()), ref), perm
+    u = t.clone().reshape(-1)
+    u[[5, 6]] = u[[6, 5]]  # two neighbours swapped (inside one 8-byte word for 16-bit types)
+    assert not torch.equal(tensor_checksum(u.reshape(t.shape)), ref)
+    assert torch.equal(tensor_checksum(t.clone()), ref)
+
+
 def test_engine_generates_a_subset_of_members_exactly(config_file):
     from fastes import Population
     from fastes.engine.engine import Engine
@@ -211,3 +224,60 @@ def test_a_hung_rank_times_out_with_a_clear_error():
         procs[1].communicate()
     assert procs[0].returncode == 3, err[-2000:]
     assert "rank 0/2: all-gather of fitness failed" in out and "timeout 2s" in out, out
+
+
+# ---------------------------------------------------------------------- torchrun, 2 nodes (the README recipe)
+
+
+def two_nodes(config: Path, out: Path, *extra: str, fault: str | None = None) -> list[subprocess.Popen]:
+    """The README's multi-node recipe on one machine: two torchrun agents, --nnodes 2, c10d rendezvous on
+    127.0.0.1, one gloo process per "node"."""
+    import socket
+    import uuid
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", FAULT_ENV)}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if fault:
+        env[FAULT_ENV] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex[:8],
+           "--local-addr", "127.0.0.1", "--max-restarts", "0",
+           "-m", "fastes", "train", "--config", str(config), "--out", str(out), *extra]
+    return [subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(2)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    try:
+        results = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, err) for p, (_, err) in zip(procs, results, strict=True)]
+
+
+def test_two_nodes_with_c10d_rendezvous_match_one_process(config_file, single, tmp_path):
+    out = tmp_path / "run"
+    results = finish(two_nodes(config_file, out))
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert_same_weights(single, out)
+
+
+def test_a_killed_node_ends_the_other_with_one_line_and_the_run_resumes(config_file, single, tmp_path):
+    out = tmp_path / "run"
+    # whichever node holds rank 0 loses it (SIGKILL) after step 2; the other node must stop, not hang
+    results = finish(two_nodes(config_file, out, "--save_every", "1", "--timeout_s", "10", fault="kill:0:2"))
+    survivor = [(rc, err) for rc, err in results if "fastes: error:" in err]
+    assert len(survivor) == 1, results
+    rc, err = survivor[0]
+    lines = [line for line in err.splitlines() if line.startswith("fastes:")]  # torchrun adds its own report
+    assert rc == 1 and len(lines) == 1 and "distributed run stopped" in lines[0], err[-3000:]
+    assert ckpt.find_checkpoint(out).name == "step-1"  # the kill comes before step-2 is saved
+    resumed = Trainer(TrainConfig.from_yaml(config_file, ["--out", str(out), "--resume", str(out)]))
+    assert resumed.start_step == 1
+    resumed.train()
+    assert_same_weights(single, out)

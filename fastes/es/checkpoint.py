@@ -4,7 +4,12 @@ Between ES steps the whole training state is (seed, step, weights, optimizer buf
 noise scales measured at start): the noise and the sampling randomness are functions of
 counters. A checkpoint is staged in a hidden temporary directory, fsynced, and renamed
 into place, so a kill at any moment leaves every earlier ``step-N`` complete; staging
-leftovers start with "." and are never taken for a checkpoint.
+leftovers start with "." and are never taken for a checkpoint; the next save removes them.
+Retention: the last ``keep_last`` checkpoints are kept, and the best one by held-out
+accuracy (``eval_history`` in its state) too; older ones are renamed out of the way
+first, then deleted, so a kill mid-prune never leaves a half-deleted ``step-N``.
+A save that fails (disk full, permissions) is a one-line ValueError; the earlier
+checkpoints are untouched.
 
 LoRA runs save merged weights (so transformers loads the directory as is) *and* the
 adapters themselves in ``adapters.safetensors``: resuming from merged weights would
@@ -37,6 +42,11 @@ ADAPTER_FILE = "adapters.safetensors"
 STATE_FORMAT = "fastes-trainer-state"
 STATE_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER = re.compile(r"^\.step-\d+\.(tmp|del)-[A-Za-z0-9_]{8}$")  # staging / pruning dirs of this module
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, permissions): one line, the earlier ones are intact."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -53,9 +63,13 @@ def save_checkpoint(
 ) -> Path:
     """Write ``run_dir/checkpoints/step-<step>`` atomically; returns its path."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root)
+        staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write checkpoint {str(final)!r}: {err}") from None
     try:
         target = staging / "checkpoint"
         source = Path(source_dir) if source_dir is not None and Path(source_dir).is_dir() else None
@@ -76,9 +90,52 @@ def save_checkpoint(
             os.replace(final, staging / "previous")
         os.replace(target, final)
         fsync_dir(root, ignore_errors=True)
+    except OSError as err:  # ENOSPC, EDQUOT, EACCES...: the staging directory goes, earlier steps stay
+        raise CheckpointWriteError(f"cannot write checkpoint {str(final)!r}: {err}; the earlier checkpoints "
+                                   "are intact") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the staging / pruning directories a killed save or prune left in ``run/checkpoints``."""
+    for child in root.iterdir():
+        if LEFTOVER.match(child.name) and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> ``run_dir/checkpoints/step-N`` for every checkpoint whose state file is in place."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return {}
+    out = {}
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            out[int(match.group(1))] = child
+    return out
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, scores: dict[int, float] | None = None) -> list[int]:
+    """Delete all but the last ``keep_last`` checkpoints (0: keep all) and the best-scored one; returns the steps
+    deleted. ``scores``: step -> held-out accuracy of that checkpoint's weights (higher is better, ties: latest)."""
+    steps = complete_checkpoints(run_dir)
+    if keep_last <= 0 or len(steps) <= keep_last:
+        return []
+    keep = set(sorted(steps)[-keep_last:])
+    scored = [(score, step) for step, score in (scores or {}).items() if step in steps]
+    if scored:
+        keep.add(max(scored)[1])
+    removed = []
+    for step in sorted(set(steps) - keep):
+        path = steps[step]
+        trash = Path(tempfile.mkdtemp(prefix=f".step-{step}.del-", dir=path.parent))
+        os.replace(path, trash / "d")
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(step)
+    return removed
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -141,6 +198,10 @@ __all__ = [
     "load_state",
     "load_tensors",
     "checkpoint_dir",
+    "complete_checkpoints",
+    "prune_checkpoints",
+    "remove_leftovers",
+    "CheckpointWriteError",
     "STATE_FILE",
     "OPTIM_FILE",
     "ADAPTER_FILE",

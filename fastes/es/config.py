@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,14 @@ class DistributedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Retention of run/checkpoints/step-N (see fastes.es.checkpoint)."""
+
+    keep_last: int = 3  # the newest checkpoints kept (0: all); the best by held-out accuracy is kept too
+    keep_best: bool = True
+
+
+@dataclass
 class EvaluationConfig:
     """Named eval sets, their saved outputs, and sample completions during training (fastes.es.evaluation)."""
 
@@ -138,6 +147,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_size: int = 64
     save_every: int = 0
+    max_failed_steps: int = 3  # consecutive steps whose rewards/fitness fail on every rollout before the run stops
     out: str = "runs/es"
     resume: str | None = None
     kv_cache_tokens: int | None = None
@@ -154,6 +164,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     # ------------------------------------------------------------------ construction
@@ -336,11 +347,12 @@ _NONE_OR_1 = (lambda v, _c: v is None or v >= 1), ">= 1 or null"
 _UNIT = (lambda v, _c: 0 <= v < 1), "in [0, 1)"
 _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("dtype", *_one_of(DTYPES)),
-    ("device", lambda v, _c: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
+    ("device", lambda v, _c: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu or cuda[:N]"),
     ("cuda_graphs", lambda v, c: v is not True or c.device != "cpu", "false or null on device cpu"),
     ("seed", lambda v, _c: 0 <= v < 2**64, "in [0, 2**64)"),
     ("steps", *_AT_LEAST_0), ("eval_every", *_AT_LEAST_0), ("eval_size", *_AT_LEAST_0),
-    ("save_every", *_AT_LEAST_0), ("prompts_per_step", *_AT_LEAST_1), ("samples_per_prompt", *_AT_LEAST_1),
+    ("save_every", *_AT_LEAST_0), ("max_failed_steps", *_AT_LEAST_1), ("checkpoint.keep_last", *_AT_LEAST_0),
+    ("prompts_per_step", *_AT_LEAST_1), ("samples_per_prompt", *_AT_LEAST_1),
     ("kv_cache_tokens", *_NONE_OR_1), ("max_num_batched_tokens", *_NONE_OR_1), ("max_num_seqs", *_NONE_OR_1),
     ("population.size", *_AT_LEAST_1),
     ("population.size", lambda v, c: not (c.population.antithetic and v % 2), "even with antithetic sampling"),
@@ -385,6 +397,7 @@ __all__ = [
     "SamplingConfig",
     "DistributedConfig",
     "EvaluationConfig",
+    "CheckpointConfig",
     "read_yaml",
     "apply_overrides",
     "parse_overrides",

@@ -81,6 +81,9 @@ def es_direction(
     return buf
 
 
+DECAY_SR_PREFIX = "decay/"  # the decay's rounding bits: a tensor id apart from the update's rounding of the same step
+
+
 def write_weight(param: torch.Tensor, value: torch.Tensor, seed: int, name: str, step: int) -> None:
     """param ← value (fp32), stochastically rounded with the contract's bits below fp32."""
     if param.dtype == torch.float32:
@@ -134,7 +137,11 @@ class ESOptimizer:
         elif self.weight_decay:
             factor = 1.0 - lr * self.weight_decay
             for name in engine.perturbed_names(population):
-                engine.model.params[name].mul_(factor)
+                param = engine.model.params[name]
+                if param.dtype == torch.float32:
+                    param.mul_(factor)
+                else:  # rounding W·(1 − lr·wd) to nearest gives W back in bf16: decay would do nothing at all
+                    write_weight(param, param.float().mul_(factor), population.seed, DECAY_SR_PREFIX + name, step)
         engine.update(population, step, coeffs, lr)
 
     # ------------------------------------------------------------------ state

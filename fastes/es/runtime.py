@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,23 @@ def derive_seed(seed: int, step: int, purpose: str) -> int:
 
 
 def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """``auto`` -> cuda when there is one, else cpu; ``cpu`` / ``cuda[:N]`` checked against this machine.
+
+    A device the machine lacks is bad input (one-line ValueError), not a CUDA traceback mid-load.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(device))
+    if match is None:
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                             "is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -32,14 +49,20 @@ def resolve_task(name: str, options: dict[str, Any]) -> Any:
 
         factory = load_reward(name)
         try:
-            return factory(**options)
+            task = factory(**options)
         except TypeError as err:
             raise ValueError(f"task {name!r}: bad options {sorted(options)}: {err}") from None
+        missing = [a for a in TASK_METHODS if not callable(getattr(task, a, None))]
+        if missing:
+            raise ValueError(f"task {name!r} returned a {type(task).__name__}, not a task (it lacks "
+                             f"{', '.join(missing)}; see fastes.es.tasks.base.Task)")
+        return task
     from fastes.es.tasks import get_task
 
     return get_task(name, **options)
 
 
+TASK_METHODS = ("train_examples", "eval_examples", "reward")  # what the trainer calls on a task
 SMALL_HIDDEN = 1024
 
 
@@ -62,4 +85,5 @@ def cpu_threads_for(model_dir: Path) -> None:
         torch.set_num_threads(1)
 
 
-__all__ = ["SMALL_HIDDEN", "cpu_threads_for", "derive_seed", "resolve_device", "resolve_dtype", "resolve_task"]
+__all__ = ["TASK_METHODS", "SMALL_HIDDEN", "cpu_threads_for", "derive_seed", "resolve_device", "resolve_dtype",
+           "resolve_task"]

@@ -26,9 +26,11 @@ from fastes.es.config import TrainConfig
 from fastes.es.distributed import Distributed, NullLogger
 from fastes.es.evaluation import RewardPairs, encode_prompts, evaluate
 from fastes.es.logger import RunLogger, truncate_metrics
-from fastes.es.memory_plan import plan_memory
+from fastes.es.memory_plan import load_engine, plan_memory
 from fastes.es.optim import AskTell
+from fastes.es.run_dir import FailedStartCleanup, check_run_dir
 from fastes.es.runtime import cpu_threads_for, derive_seed, resolve_device, resolve_dtype, resolve_task
+from fastes.es.safety import FailureStreak, all_rollouts_failed, check_finite, check_kv_pool, warn
 
 
 class Trainer:
@@ -74,28 +76,21 @@ class Trainer:
         self.engine = engine if engine is not None else self._load_engine()
         if self.engine.tokenizer is None:
             raise ValueError(f"model directory {config.model!r} has no tokenizer (tokenizer.json)")
+        self._check_kv_pool()
         scales = self.state.get("noise_scales") if self.state else None
         self.es = AskTell(self.engine, config, noise_scales=scales)
         if self.state:
             self._restore()
+        self.failures = FailureStreak(config.max_failed_steps)
+        self.eval_history: dict[int, float] = {int(k): float(v) for k, v in
+                                               ((self.state or {}).get("eval_history") or {}).items()}
 
     # ------------------------------------------------------------------ setup
 
     def _check_run_dir(self) -> None:
-        out = self.run_dir
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out {str(out)!r} exists and is not a directory")
-        if out.is_dir() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-            inside = self.resume_dir is not None and self.resume_dir.resolve().parent.parent == out.resolve()
-            if not inside:
-                raise ValueError(
-                    f"run directory {str(out)!r} already holds a run: pass --resume {out} to continue "
-                    "it, or choose another --out"
-                )
+        check_run_dir(self.run_dir, self.resume_dir)  # never writes over what fastes did not write
 
     def _load_engine(self) -> Any:
-        from fastes.engine.engine import Engine
-
         cfg = self.config
         device = self.dist.device if self.dist else resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
@@ -105,15 +100,16 @@ class Trainer:
         path = self.resume_dir if self.resume_dir is not None and not lora else cfg.model
         if str(device).startswith("cpu"):
             cpu_threads_for(Path(cfg.model))
-        return Engine.from_pretrained(
-            path,
-            dtype=dtype,
-            device=device,
-            kv_cache_tokens=cfg.kv_cache_tokens,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_num_seqs=cfg.max_num_seqs,
-            cuda_graphs=cfg.cuda_graphs if str(device).startswith("cuda") else False,
-        )
+        return load_engine(cfg, path, device, dtype)  # on CUDA: the KV pool after optimizer state etc.
+
+    def _check_kv_pool(self) -> None:
+        """The longest train / eval prompt plus max_tokens must fit the pool: found now, not mid-run."""
+        pool = getattr(getattr(self.engine, "manager", None), "num_blocks", None)
+        if pool is None:  # a stand-in engine without a paged pool
+            return
+        lengths = [len(self._prompt_ids(i)) for i in range(len(self.train_set))]
+        lengths += [len(ids) for ids in encode_prompts(self.engine, self.task, self.eval_set, self.use_chat)]
+        check_kv_pool(pool * self.engine.block_size, lengths, self.config.sampling.max_tokens)
 
     def _restore(self) -> None:
         """Optimizer state and LoRA adapters from the checkpoint (weights came with the engine)."""
@@ -252,7 +248,11 @@ class Trainer:
             center = self.center_fitness(step)
             stats["fitness/center"] = float(center.mean())
             fitness = fitness - center[[self._member_batch(m) for m in range(pop.size)]]
+        self._observe_failures(step, stats, len(scores), pop.size, texts, flat_prompts, examples)
         coeffs = self.es.tell(step, fitness)
+        if coeffs is None and self.is_main and not self.failures.count:
+            warn(f"step {step}: skipped, the {pop.size} member fitnesses are all equal ({float(fitness[0]):.4g})")
+        check_finite(self.engine.model.params, self.engine.perturbed_names(pop), step, self.es.lr(step))
         all_scores = torch.tensor(scores, dtype=torch.float64)
         elapsed = time.perf_counter() - t0
         record = {
@@ -272,6 +272,28 @@ class Trainer:
         }
         record.update(stats)
         return record
+
+    def _observe_failures(self, step: int, stats: dict[str, float], rollouts: int, members: int, texts: list[str],
+                          prompts: list[Any], examples: list[Any]) -> None:
+        """Count a step whose rewards / fitness failed on every rollout; PluginFailure after max_failed_steps."""
+        from fastes.es.fitness import make_rollouts
+        from fastes.es.safety import first_fitness_error, first_reward_error
+        from fastes.es.tasks.base import collate_columns
+
+        rewards_failed, fitness_failed = all_rollouts_failed(stats, rollouts, members)
+        if self.member_fitness is None:
+            fitness_failed = False
+
+        def diagnose() -> tuple[str, str]:
+            if rewards_failed and texts:
+                return first_reward_error(self.rewards, texts[0], prompts[0], collate_columns(examples[:1]))
+            if fitness_failed and texts:
+                k = self.config.samples_per_prompt
+                rollouts_0 = make_rollouts([examples[0].prompt], [texts[:k]], None, collate_columns(examples[:1]))
+                return first_fitness_error(self.member_fitness, rollouts_0)
+            return "rewards" if rewards_failed else "member_fitness", "failed on another rank"
+
+        self.failures.observe(step, rewards_failed or fitness_failed, diagnose)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy decoding of the unperturbed model on the held-out set: accuracy and mean reward."""
@@ -306,6 +328,7 @@ class Trainer:
             },
             "optimizer": self.es.optimizer.state_meta(),
             "noise_scales": self.es.noise_scales(),
+            "eval_history": {str(k): v for k, v in sorted(self.eval_history.items())},
         }
 
     def save(self, step: int) -> Path:
@@ -314,6 +337,8 @@ class Trainer:
         if self.is_main:
             path = ckpt.save_checkpoint(self.run_dir, step, self.engine, self.state_dict(step),
                                         self.es.optimizer.state_tensors(), source_dir=self.config.model)
+            keep = self.config.checkpoint
+            ckpt.prune_checkpoints(self.run_dir, keep.keep_last, self.eval_history if keep.keep_best else None)
         if self.dist is not None:
             self.dist.barrier()
         return path
@@ -323,11 +348,24 @@ class Trainer:
         return bool(self.eval_set) and (step == 0 or (every > 0 and step % every == 0))
 
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
-        """Run from the start (or resumed) step to ``config.steps``; ``max_steps`` stops early with a checkpoint."""
+        """Run from the start (or resumed) step to ``config.steps``; ``max_steps`` stops early with a checkpoint.
+
+        A fresh run that fails before its first step completes leaves no run directory behind."""
+        cleanup = FailedStartCleanup(self.run_dir, self.resume_dir is not None) if self.is_main else None
+        self._steps_done = 0
+        try:
+            return self._train(max_steps, cleanup)
+        except BaseException:
+            if cleanup is not None and not self._steps_done:
+                cleanup.undo()
+            raise
+
+    def _train(self, max_steps: int | None, cleanup: FailedStartCleanup | None) -> dict[str, Any]:
         cfg = self.config
         logger: RunLogger | NullLogger = NullLogger()
-        if self.is_main:
+        if cleanup is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            cleanup.mark()
             cfg.to_yaml(self.run_dir / "config.yaml")
             truncate_metrics(self.run_dir, self.start_step)
             logger = RunLogger(self.run_dir, cfg.steps, self.start_step, cfg.progress, cfg.tensorboard)
@@ -344,6 +382,9 @@ class Trainer:
                         print(f"held-out accuracy before training (step {step}): {record['eval/accuracy']:.3f}",
                               file=sys.stderr, flush=True)
                 record.update(self.train_step(step))
+                self._steps_done += 1
+                if "eval/accuracy" in record:  # the held-out score of the weights checkpoint step-<step> holds
+                    self.eval_history[step] = float(record["eval/accuracy"])
                 if self.dist is not None:  # fault hooks, and the checksum guard when due, after this update
                     record.update(self.dist.after_step(self.engine, self.es, step + 1))
                 logger.log(record)
@@ -354,6 +395,8 @@ class Trainer:
             if step == cfg.steps and self.eval_set:
                 final = self.evaluate()
                 logger.log({"step": step, **final})
+                if "eval/accuracy" in final:
+                    self.eval_history[step] = float(final["eval/accuracy"])
                 if self.is_main and "eval/accuracy" in final:
                     print(f"held-out accuracy after training (step {step}): {final['eval/accuracy']:.3f}",
                           file=sys.stderr, flush=True)

@@ -11,7 +11,12 @@ language model's tensors are renamed to the Gemma3ForCausalLM names (``model.…
 model writes a text-only gemma3_text directory.
 
 Saving writes into a temporary sibling directory and renames it into place, so a
-kill leaves either the previous directory or the complete new one, never a mix.
+kill leaves either the previous directory or the complete new one, never a mix. It
+never deletes what fastes did not write: the target must be new, empty, or a previous
+fastes export (recognized by the EXPORT_MARKER file written into every export); the
+staging leftovers of a killed save (``.NAME.tmp-*``, ``.NAME.old-*``) are removed by the
+next save of the same directory. Non-finite weights are refused both ways: a model that
+loads with NaN/inf generates pad tokens, and one saved with them is lost work.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fastes._fsutil import fsync_dir, fsync_tree
+from fastes._fsutil import chmod_like_mkdir, fsync_dir, fsync_tree
 from fastes.models.config import ModelConfig, read_config_json
 from fastes.models.decoder import CausalLM
 
@@ -40,6 +45,7 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
                  ("model.language_model.", "model."))
 NON_TEXT = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+EXPORT_MARKER = ".fastes-export"  # in every directory save_pretrained writes: "safe to replace"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
@@ -112,7 +118,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
                                          f"config implies {shape}")
                     if not tensor.is_floating_point():
                         raise ValueError(f"tensor {name!r} in {file.name} has non-float dtype {tensor.dtype}")
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"tensor {name!r} in {str(file)!r} holds NaN or inf values: the model is "
+                                         "corrupt (a diverged run?) and would generate garbage")
                     params[name] = tensor.to(device=device, dtype=dtype).contiguous()
+                    if not bool(torch.isfinite(params[name]).all()):
+                        raise ValueError(f"tensor {name!r} in {file.name} overflows {DTYPES[dtype]} (inf after the "
+                                         "cast); load it in a wider dtype")
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {str(file)!r}: {str(err).splitlines()[0] if str(err) else err!r}") from None
     return CausalLM(config, params, source_dir=path)
@@ -142,15 +154,23 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int |
                     source_dir: str | Path | None = None) -> Path:
     """Write ``out_dir`` as an HF directory (config.json, safetensors, tokenizer files) atomically.
 
-    LoRA adapters are merged into their weights so that transformers loads the model as is.
-    ``max_shard_bytes`` splits the weights into shards with an index (one file when None).
-    Tokenizer / generation files are copied from ``source_dir`` (default: where the model was loaded).
+    ``out_dir`` must be new, an empty directory, or a previous fastes export (it is then
+    replaced as a whole); anything else is a one-line ValueError, so a typo cannot wipe a
+    user's directory. LoRA adapters are merged into their weights so that transformers
+    loads the model as is. ``max_shard_bytes`` splits the weights into shards with an index
+    (one file when None). Tokenizer / generation files are copied from ``source_dir``
+    (default: where the model was loaded). Files get the modes the umask gives.
     """
     out_dir = Path(out_dir).resolve()
+    _check_target(out_dir)
+    state = {n: t.detach().to("cpu").contiguous() for n, t in model.hf_state_dict().items()}
+    bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"save_pretrained: refusing to save non-finite (NaN/inf) weights in {_short(bad)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_staging_leftovers(out_dir.parent, out_dir.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        state = {n: t.detach().to("cpu").contiguous() for n, t in model.hf_state_dict().items()}
         _write_weights(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(_config_for_save(model), indent=2, sort_keys=True) + "\n",
                                          encoding="utf-8")
@@ -158,13 +178,16 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int |
         if source is not None:  # read before the old directory moves away, so saving in place works
             for fname in TOKENIZER_FILES:
                 if (source / fname).is_file():
-                    shutil.copy2(source / fname, tmp / fname)
+                    shutil.copyfile(source / fname, tmp / fname)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "fastes-export", "version": 1}) + "\n",
+                                         encoding="utf-8")
         fsync_tree(tmp)
+        chmod_like_mkdir(tmp)  # mkdtemp made it 0700
         old = None
-        if out_dir.exists():
+        if out_dir.exists() and any(out_dir.iterdir()):  # a previous export: swap it out, then delete it
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "d")
-        os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)  # over an empty directory, or into a free name: atomic either way
         fsync_dir(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -172,6 +195,33 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _check_target(out_dir: Path) -> None:
+    """ValueError unless ``out_dir`` is free, an empty directory, or a directory fastes exported before."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"save_pretrained: {str(out_dir)!r} exists and is not a directory; refusing to replace it")
+    if not out_dir.exists():
+        return
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise ValueError(f"save_pretrained: {str(out_dir)!r} is (or holds) the working directory; save into a "
+                         "new subdirectory")
+    if any(out_dir.iterdir()) and not (out_dir / EXPORT_MARKER).is_file():
+        raise ValueError(f"save_pretrained: {str(out_dir)!r} is a non-empty directory that fastes did not write "
+                         f"(no {EXPORT_MARKER}); choose a new or empty directory")
+
+
+def remove_staging_leftovers(parent: Path, name: str) -> None:
+    """Delete the ``.NAME.tmp-XXXXXXXX`` / ``.NAME.old-XXXXXXXX`` directories a killed save of NAME left."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-[A-Za-z0-9_]{{8}}$")
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return
+    for child in children:
+        if pattern.match(child.name) and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
@@ -198,4 +248,5 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["load_model", "save_pretrained", "weight_files", "TOKENIZER_FILES"]
+__all__ = ["load_model", "save_pretrained", "weight_files", "TOKENIZER_FILES", "EXPORT_MARKER",
+           "remove_staging_leftovers"]
