@@ -1,21 +1,24 @@
 """Triton kernels of ``lora_linear`` (Punica SGMV-style, three launches).
 
-The shared base GEMM ``F.linear`` (one read of W for every member), a shrink ``H = x A_mᵀ`` (fp32 [T, r]) and an expand
-``y += scaling · H B_mᵀ``. A_m and B_m are the loaded adapter tiles plus noise generated
-in registers. A program owns BLOCK_M rows and loops over the distinct members among them
-(min member, then the next larger one, ...), masking the other rows: rows sorted by member
-give one or two iterations per program, unsorted rows stay correct at up to BLOCK_M.
+The shared base GEMM ``F.linear`` (one read of W for every member), a shrink ``H = x A_mᵀ``
+(fp32, as K-split partials [S, T, r]) and an expand ``y += scaling · (Σ_s H_s) B_mᵀ``, with
+A_m = A + σ·sign·E_A, B_m = B + σ·sign·E_B. Both kernels do the adapter's own dot once for all
+rows of a tile, then one noise dot per *noise index* present (rows of other indices zeroed, each
+row scaled by its σ·sign): an antithetic pair shares its noise tile, generated once.
 
-Cost at a decode step, T = 2048 rows, in = out = 1536, r = 8, N = 32 sorted, bf16, H100:
+Cost at a decode step, T = 512 rows (N = 32 × 16), in = out = 1536, r = 8, bf16, H100:
 
-* base GEMM: 2·T·in·out = 9.7 GFLOP ≈ 12 µs; W 4.7 MB + x 6.3 MB + y 6.3 MB.
-* shrink: 2·T·in·16 (r padded to 16 for tl.dot) = 0.1 GFLOP; reads x once more (6.3 MB).
-* expand: 0.1 GFLOP; reads and writes y in place (12.6 MB) ≈ 4 µs.
-* noise: each (row tile, member) pair regenerates its member's A_m (16 × in) and B_m
-  (out × 16) tiles: with BLOCK_M = 64 there are T/64 + N ≈ 64 pairs, i.e. 64 · 2 · 16 · 1536
-  ≈ 3.1 M values, one Philox call per 4 (Gaussian, in % 4 == 0 resp. r % 4 == 0) ≈ 0.8 M
-  calls ≈ 0.1 G int ops ≈ 5 µs of CUDA-core time spread over two memory-bound kernels.
-  Ranks 1–3 (and Rademacher) generate element-wise: 4× that for the B side.
+* base GEMM: 2·T·in·out = 2.4 GFLOP; W 4.7 MB + x 1.6 MB + y 1.6 MB ≈ 2.4 µs (memory).
+* shrink: reads x once more (1.6 MB) and A; 2·T·in·16 FLOPs (r padded to 16 for tl.dot).
+  Before: grid = T/64 = 8 programs on 132 SMs, each a serial loop over in and over its members
+  (predicted 30-60 µs per call). Now split over in as well: 8 × 16 = 128 programs (sm_90:
+  168 registers, 3 CTAs/SM Gaussian r = 8), each ~96 columns of in: predicted ≈ the 1.6 MB read,
+  ~1-2 µs. Partials: S·T·r·4 B = 0.26 MB, read back by the expand.
+* expand: reads and writes y in place (3.2 MB) ≈ 1 µs; sm_90: 115 registers, 4 CTAs/SM (before 121,
+  and 146 for Rademacher, now 112).
+* noise per launch (tests/test_work_counts.py): (noise indices present)·r_pad·(in + out) when each
+  index's rows sit in one row tile (r_pad = max(16, r)); before, N·r_pad·(in + out) with every
+  member of an antithetic pair generating the same tiles. Rank < 16 still generates padding rows.
 """
 
 from __future__ import annotations
@@ -28,62 +31,76 @@ from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
 from fastes.ops._triton import key_args, philox, tl, triton
 
 if triton is not None:
-    NO_MEMBER = tl.constexpr(1 << 40)  # larger than any member id: "no rows left" in the member loop
+    NO_KEY = tl.constexpr(1 << 40)  # larger than any noise index: "no rows left" in the index loop
 
     @triton.jit
-    def _first_member(member_ptr, rows, rmask, HAS_MEMBER: tl.constexpr):
-        """Members of rows (NO_MEMBER past the end; −1 everywhere without members) and the smallest."""
-        if HAS_MEMBER:
-            mem = tl.where(rmask, tl.load(member_ptr + rows, mask=rmask, other=0).to(tl.int64), NO_MEMBER)
-        else:
-            mem = tl.where(rmask, -1, NO_MEMBER).to(tl.int64)
-        return mem, tl.min(mem, axis=0)
+    def _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr):
+        """(noise index per row (−1: unperturbed, NO_KEY past the end), σ·sign per row, smallest index ≥ 0).
 
-    @triton.jit
-    def _member_coef(cur, sigma, ANTITHETIC: tl.constexpr):
-        """(noise index, σ·sign) of member ``cur`` (≥ 0)."""
-        if ANTITHETIC:
-            return cur >> 1, sigma * (1 - 2 * (cur & 1)).to(tl.float32)
+        Rows are grouped by noise index, not member: an antithetic pair shares one noise tile, applied ±.
+        """
+        if HAS_NOISE:
+            mem = tl.load(member_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+            if ANTITHETIC:
+                key = tl.where(mem >= 0, mem >> 1, -1)
+                c = sigma * (1 - 2 * (mem & 1)).to(tl.float32)
+            else:
+                key = mem
+                c = sigma + 0.0 * mem.to(tl.float32)
+            key = tl.where(rmask, key, NO_KEY)
+            c = tl.where(key >= 0, c, 0.0)
         else:
-            return cur, sigma
+            key = tl.where(rmask, -1, NO_KEY).to(tl.int64)
+            c = 0.0 * key.to(tl.float32)
+        return key, c, tl.min(tl.where(key >= 0, key, NO_KEY), axis=0)
 
-    @triton.jit(do_not_specialize=["num_rows", "sigma", "k0", "k1", "tid", "step"])
-    def _shrink_kernel(h_ptr, x_ptr, a_ptr, member_ptr, num_rows, in_f, rank, sigma, k0, k1, tid, step,
+    @triton.jit(do_not_specialize=["num_rows", "k_split", "sigma", "k0", "k1", "tid", "step"])
+    def _shrink_kernel(h_ptr, x_ptr, a_ptr, member_ptr, num_rows, in_f, rank, k_split, sigma, k0, k1, tid, step,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                       HAS_MEMBER: tl.constexpr, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
+                       HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
                        KIND: tl.constexpr, BLOCKED: tl.constexpr, PREC: tl.constexpr):
-        """H[rows] = x[rows] A_mᵀ, fp32 [T, r]; A_m = A + σ·sign·E_A (stream element j·in + k)."""
+        """Partial H_s[rows] = x[rows, K_s] A_m[:, K_s]ᵀ, fp32 [S, T, r], K_s = [s·k_split, (s+1)·k_split):
+        x Aᵀ for every row at once, plus per noise index present σ·sign·x E_Aᵀ (stream element j·in + k)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
         rmask = rows < num_rows
         rows64 = rows.to(tl.int64)
         jj = tl.arange(0, R_PAD)
         jmask = jj < rank
-        mem, cur = _first_member(member_ptr, rows, rmask, HAS_MEMBER)
-        while cur < NO_MEMBER:
-            sel = rmask & (mem == cur)
-            idx, c = _member_coef(tl.maximum(cur, 0), sigma, ANTITHETIC)
-            acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-            for kb in range(0, in_f, BLOCK_K):
-                kk = kb + tl.arange(0, BLOCK_K)
-                kmask = kk < in_f
-                x = tl.load(x_ptr + rows64[:, None] * in_f + kk[None, :], mask=sel[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + jj[:, None] * in_f + kk[None, :], mask=jmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                if HAS_NOISE:
-                    if cur >= 0:  # padded rows/columns get finite noise that meets zeros of x or is not stored
-                        e_row = jj[:, None].to(tl.int64) * in_f + kb
-                        a += c * philox.noise_rows(e_row, BLOCK_K, k0, k1, tid, idx, step, KIND, BLOCKED)
-                acc += tl.dot(x, tl.trans(a), input_precision=PREC)
-            tl.store(h_ptr + rows64[:, None] * rank + jj[None, :], acc, mask=sel[:, None] & jmask[None, :])
-            cur = tl.min(tl.where(mem > cur, mem, NO_MEMBER), axis=0)
+        key, c, first = _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE, ANTITHETIC)
+        k_lo = split * k_split
+        k_end = tl.minimum(in_f, k_lo + k_split)
+        acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for kb in range(k_lo, k_end, BLOCK_K):  # the adapter itself, shared by all rows
+            kk = kb + tl.arange(0, BLOCK_K)
+            kmask = kk < k_end
+            x = tl.load(x_ptr + rows64[:, None] * in_f + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + jj[:, None] * in_f + kk[None, :], mask=jmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.dot(x, tl.trans(a), input_precision=PREC)
+        if HAS_NOISE:
+            cur = first
+            while cur < NO_KEY:  # padded rows/columns get finite noise that meets zeros of x or is not stored
+                sel = key == cur
+                for kb in range(k_lo, k_end, BLOCK_K):
+                    kk = kb + tl.arange(0, BLOCK_K)
+                    x = tl.load(x_ptr + rows64[:, None] * in_f + kk[None, :],
+                                mask=sel[:, None] & (kk < k_end)[None, :], other=0.0).to(tl.float32)
+                    e_row = jj[:, None].to(tl.int64) * in_f + kb
+                    e = philox.noise_rows(e_row, BLOCK_K, k0, k1, tid, cur, step, KIND, BLOCKED)
+                    acc += tl.dot(x * c[:, None], tl.trans(e), input_precision=PREC)
+                cur = tl.min(tl.where(key > cur, key, NO_KEY), axis=0)
+        h_split = h_ptr + split.to(tl.int64) * num_rows * rank
+        tl.store(h_split + rows64[:, None] * rank + jj[None, :], acc, mask=rmask[:, None] & jmask[None, :])
 
-    @triton.jit(do_not_specialize=["num_rows", "sigma", "scaling", "k0", "k1", "tid", "step"])
-    def _expand_kernel(out_ptr, base_ptr, h_ptr, b_ptr, member_ptr, num_rows, out_f, rank, sigma, scaling,
+    @triton.jit(do_not_specialize=["num_rows", "splits", "sigma", "scaling", "k0", "k1", "tid", "step"])
+    def _expand_kernel(out_ptr, base_ptr, h_ptr, b_ptr, member_ptr, num_rows, out_f, rank, splits, sigma, scaling,
                        k0, k1, tid, step, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                       HAS_MEMBER: tl.constexpr, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
+                       HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
                        KIND: tl.constexpr, BLOCKED: tl.constexpr, PREC: tl.constexpr):
-        """out = base + scaling · H B_mᵀ; B_m = B + σ·sign·E_B (stream element n·r + j)."""
+        """out = base + scaling · H B_mᵀ, H = Σ_s H_s (fixed order); B_m = B + σ·sign·E_B (element n·r + j):
+        H Bᵀ for every row at once, plus per noise index present σ·sign·H E_Bᵀ."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < num_rows
         rows64 = rows.to(tl.int64)
@@ -91,21 +108,21 @@ if triton is not None:
         cmask = cols < out_f
         jj = tl.arange(0, R_PAD)
         jmask = jj < rank
+        h_ptrs = h_ptr + rows64[:, None] * rank + jj[None, :]
+        h = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        for s in range(splits):
+            h += tl.load(h_ptrs + s * num_rows * rank, mask=rmask[:, None] & jmask[None, :], other=0.0)
         b = tl.load(b_ptr + cols[:, None] * rank + jj[None, :], mask=cmask[:, None] & jmask[None, :],
                     other=0.0).to(tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        mem, cur = _first_member(member_ptr, rows, rmask, HAS_MEMBER)
-        while cur < NO_MEMBER:
-            sel = rmask & (mem == cur)
-            h = tl.load(h_ptr + rows64[:, None] * rank + jj[None, :], mask=sel[:, None] & jmask[None, :], other=0.0)
-            bm = b
-            if HAS_NOISE:
-                if cur >= 0:  # padded columns get finite noise that meets zero columns of h
-                    idx, c = _member_coef(cur, sigma, ANTITHETIC)
-                    e_row = cols[:, None].to(tl.int64) * rank
-                    bm = b + c * philox.noise_rows(e_row, R_PAD, k0, k1, tid, idx, step, KIND, BLOCKED)
-            acc += tl.dot(h, tl.trans(bm), input_precision=PREC)
-            cur = tl.min(tl.where(mem > cur, mem, NO_MEMBER), axis=0)
+        acc = tl.dot(h, tl.trans(b), input_precision=PREC)
+        if HAS_NOISE:
+            key, c, cur = _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE, ANTITHETIC)
+            hc = h * c[:, None]
+            while cur < NO_KEY:  # padded columns get finite noise that meets zero columns of h
+                e_row = cols[:, None].to(tl.int64) * rank
+                e = philox.noise_rows(e_row, R_PAD, k0, k1, tid, cur, step, KIND, BLOCKED)
+                acc += tl.dot(tl.where((key == cur)[:, None], hc, 0.0), tl.trans(e), input_precision=PREC)
+                cur = tl.min(tl.where(key > cur, key, NO_KEY), axis=0)
         offs = rows64[:, None] * out_f + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         y = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scaling * acc
@@ -138,7 +155,7 @@ def _noise_launch_args(noise: NoiseSpec | None, row_member: torch.Tensor | None,
     if has_noise:
         scalars = list(key_args(noise.seed, tensor_id(name), noise.step).values())
     members = row_member.contiguous() if has_noise else fallback  # not read without noise
-    const = dict(HAS_MEMBER=has_noise, HAS_NOISE=has_noise, ANTITHETIC=has_noise and noise.antithetic,
+    const = dict(HAS_NOISE=has_noise, ANTITHETIC=has_noise and noise.antithetic,
                  KIND=KIND_INT[kind], num_warps=4)
     return has_noise, members, scalars, const
 
@@ -148,48 +165,78 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
-                       noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
-                       block_k: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """H = x A_mᵀ per row's member, fp32 [T, r] (``out`` if given)."""
+SHRINK_PROGRAMS = 264  # two per SM of an H100 (132 SMs)
+
+
+def _splits(num_rows: int, in_f: int, block_m: int, block_k: int) -> tuple[int, int]:
+    """(K splits, K range per split) of the shrink: a decode batch has few row tiles (512 rows / 64 = 8
+    programs on 132 SMs, each a serial loop over in), so the input dimension is split as well. Under the
+    interpreter two splits whenever in spans two K tiles, so that tests run the split path."""
+    steps = triton.cdiv(in_f, block_k)
+    if _backend.triton_interpreted():
+        splits = 2 if steps >= 2 else 1
+    else:
+        splits = max(1, min(16, SHRINK_PROGRAMS // triton.cdiv(num_rows, block_m), steps))
+    k_split = triton.cdiv(steps, splits) * block_k
+    return triton.cdiv(in_f, k_split), k_split
+
+
+def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
+                         noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
+                         block_k: int | None = None) -> torch.Tensor:
+    """Partial H_s = x[:, K_s] A_m[:, K_s]ᵀ over the shrink's K splits, fp32 [S, T, r]; H = Σ_s H_s."""
     _backend.require_triton(x, "x", _TRITON_ERROR)
     (num_rows, in_f), rank = x.shape, lora_a.shape[0]
-    if out is None:
-        out = torch.empty(num_rows, rank, dtype=torch.float32, device=x.device)
-    if num_rows == 0:
-        return out
     has_noise, members, (k0, k1, tid, step), const = _noise_launch_args(noise, row_member, sigma, name_a, x)
     r_pad = max(16, triton.next_power_of_2(rank))
     gpu_m, gpu_k, _ = _gpu_blocks(r_pad, x.dtype)
     block_m, block_k = _block(num_rows, block_m, gpu_m), _block(in_f, block_k, gpu_k)
+    splits, k_split = _splits(num_rows, in_f, block_m, block_k)
+    parts = torch.empty(splits, num_rows, rank, dtype=torch.float32, device=x.device)
+    if _backend.triton_interpreted():
+        parts.fill_(float("nan"))  # poisoned (tests): a row the shrink misses turns the output NaN
+    if num_rows == 0:
+        return parts
     per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
-    _shrink_kernel[(triton.cdiv(num_rows, block_m),)](
-        out, x.contiguous(), lora_a.contiguous(), members, num_rows, in_f, rank, float(sigma), k0, k1, tid, step,
-        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
+    _shrink_kernel[(triton.cdiv(num_rows, block_m), splits)](
+        parts, x.contiguous(), lora_a.contiguous(), members, num_rows, in_f, rank, k_split, float(sigma),
+        k0, k1, tid, step, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
         BLOCKED=in_f % per == 0 and block_k % per == 0, PREC=_precision(x.dtype), **const,
     )
-    return out
+    return parts
+
+
+def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
+                       noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
+                       block_k: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """H = x A_mᵀ per row's member, fp32 [T, r] (``out`` if given): the partials summed in split order."""
+    parts = lora_shrink_partials(x, lora_a, row_member, noise, sigma, name_a, block_m, block_k)
+    if out is None:
+        out = torch.empty(parts.shape[1:], dtype=torch.float32, device=x.device)
+    return torch.sum(parts, dim=0, out=out) if parts.shape[0] > 1 else out.copy_(parts[0])
 
 
 def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                        row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, name_b: str,
                        block_m: int | None = None, block_n: int | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
-    """out = base + scaling · H B_mᵀ (base's dtype, H fp32 [T, r]); in place into base unless ``out`` is given."""
+    """out = base + scaling · H B_mᵀ (base's dtype; H fp32 [T, r], or the shrink's partials [S, T, r],
+    summed here); in place into base unless ``out`` is given."""
     _backend.require_triton(base, "base", _TRITON_ERROR)
     (num_rows, out_f), rank = base.shape, lora_b.shape[1]
     base = base.contiguous()
     out = base if out is None else out
     if num_rows == 0:
         return out
+    parts = h if h.dim() == 3 else h.unsqueeze(0)
     has_noise, members, (k0, k1, tid, step), const = _noise_launch_args(noise, row_member, sigma, name_b, base)
     r_pad = max(16, triton.next_power_of_2(rank))
     gpu_m, _, gpu_n = _gpu_blocks(r_pad, base.dtype)
     block_m, block_n = _block(num_rows, block_m, gpu_m), _block(out_f, block_n, gpu_n)
     per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
     _expand_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(out_f, block_n))](
-        out, base, h.contiguous(), lora_b.contiguous(), members, num_rows, out_f, rank, float(sigma),
-        float(scaling), k0, k1, tid, step, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
+        out, base, parts.contiguous(), lora_b.contiguous(), members, num_rows, out_f, rank, parts.shape[0],
+        float(sigma), float(scaling), k0, k1, tid, step, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
         BLOCKED=rank % per == 0, PREC=_precision(base.dtype), **const,
     )
     return out
@@ -210,9 +257,6 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                             or out.device != x.device or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous [{x.shape[0]}, {weight.shape[0]}] of {x.dtype} on {x.device}")
     base = torch.nn.functional.linear(x, weight, bias)
-    # poisoned under the interpreter (tests): a row the shrink misses turns the output NaN
-    h = torch.empty(x.shape[0], lora_a.shape[0], dtype=torch.float32, device=x.device)
-    if _backend.triton_interpreted():
-        h.fill_(float("nan"))
-    lora_shrink_triton(x, lora_a, row_member, noise, sigma, name_a, block_m, block_k, out=h)
-    return lora_expand_triton(base, h, lora_b, scaling, row_member, noise, sigma, name_b, block_m, block_n, out=out)
+    parts = lora_shrink_partials(x, lora_a, row_member, noise, sigma, name_a, block_m, block_k)
+    return lora_expand_triton(base, parts, lora_b, scaling, row_member, noise, sigma, name_b, block_m, block_n,
+                              out=out)
