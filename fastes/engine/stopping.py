@@ -63,19 +63,21 @@ class StopChecker:
         state = seq.detok
         if not isinstance(state, _Detok):
             state = seq.detok = _Detok()
-        output = seq.tokens[seq.prompt_len :]
+        tokens, first = seq.tokens, seq.prompt_len  # output = tokens[first:], not copied
         decode = self.tokenizer.decode  # type: ignore[union-attr]
-        before = decode(output[state.prefix : state.read]) if state.read > state.prefix else ""
-        window = decode(output[state.prefix :])
-        if len(window) <= len(before) or window.endswith(REPLACEMENT):
-            return False  # no complete new character yet
+        before = decode(tokens[first + state.prefix : first + state.read]) if state.read > state.prefix else ""
+        window = decode(tokens[first + state.prefix :])
+        if len(window) <= len(before):
+            return False  # nothing new to read yet
+        text = state.text + window[len(before) :]
         start = max(0, len(state.text) - self.window + 1)
-        state.text += window[len(before) :]
-        state.prefix, state.read = state.read, len(output)
-        tail = state.text[start:]
+        if not window.endswith(REPLACEMENT):  # complete characters: commit, the next window starts here
+            state.text, state.prefix, state.read = text, state.read, len(tokens) - first
+        # an incomplete character is searched too (the whole-output decode would show it as U+FFFD)
+        tail = text[start:]
         if not any(s in tail for s in self.stops):
             return False
-        seq.text = self.cut(decode(output))
+        seq.text = self.cut(decode(tokens[first:]))
         return True
 
     def cut(self, text: str) -> str:
