@@ -78,7 +78,7 @@ def test_split_slices_separate_eval_file_limits_and_template(tmp_path):
                         template="Q: {question} (level {level})", num_eval=1)
     assert [e.prompt for e in task.train_examples()] == [f"Q: {r['question']} (level {r['level']})" for r in ROWS[1:4]]
     assert [e.answer for e in task.eval_examples()] == [ROWS[4]["answer"]]
-    other = DatasetsTask(str(path), eval_path=str(path), prompt_column="question")  # a separate eval file defaults to its "train" split
+    other = DatasetsTask(str(path), eval_path=str(path), prompt_column="question")  # eval file: its "train" split
     assert len(other.eval_examples()) == len(ROWS)
 
 

@@ -59,6 +59,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    init_from: str | None = None  # a PEFT adapter directory to start from (its rank, alpha and modules win)
 
 
 @dataclass
@@ -362,6 +363,7 @@ _RULES: list[tuple[str, Callable[[Any, Any], bool], str]] = [
     ("population.sigma", *_POSITIVE), ("population.sigma_final", lambda v, _c: v is None or v > 0, "> 0 or null"),
     ("lora.rank", *_AT_LEAST_1), ("lora.targets", lambda v, _c: bool(v), "a non-empty list"),
     ("lora.alpha", lambda v, _c: v is None or v > 0, "> 0 or null"),
+    ("lora.init_from", lambda v, c: v is None or c.population.mode == "lora", "null unless population.mode is lora"),
     ("fitness.shaping", *_one_of(SHAPINGS)),
     ("fitness.pass_at_k", lambda v, c: v is None or 1 <= v <= c.samples_per_prompt,
      "null or in [1, samples_per_prompt]"),

@@ -263,7 +263,12 @@ class AskTell:
         pop = config.population
         if pop.mode == "lora" and not engine.model.lora:
             lora = config.lora
-            engine.model.add_lora(lora.rank, lora.targets, lora.alpha, seed=config.seed)
+            if lora.init_from:  # an existing PEFT adapter: its rank, alpha and modules (fastes.models.peft)
+                from fastes.models.peft import load_peft_adapter
+
+                load_peft_adapter(engine.model, lora.init_from)
+            else:
+                engine.model.add_lora(lora.rank, lora.targets, lora.alpha, seed=config.seed)
         if noise_scales is not None:
             engine.model.set_noise_scales(noise_scales)
         elif pop.layerwise_scale and pop.mode != "lora":

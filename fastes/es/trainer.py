@@ -24,8 +24,15 @@ import torch
 from fastes.es import checkpoint as ckpt
 from fastes.es.config import TrainConfig
 from fastes.es.distributed import Distributed, NullLogger
-from fastes.es.evaluation import RewardPairs, encode_prompts, evaluate
-from fastes.es.logger import RunLogger, truncate_metrics
+from fastes.es.evaluation import (
+    RewardPairs,
+    build_eval_sets,
+    encode_prompts,
+    evaluate,
+    run_eval_sets,
+    sample_completions,
+)
+from fastes.es.logger import RunLogger, check_report_to, truncate_metrics
 from fastes.es.memory_plan import load_engine, plan_memory
 from fastes.es.optim import AskTell
 from fastes.es.run_dir import FailedStartCleanup, check_run_dir
@@ -70,9 +77,14 @@ class Trainer:
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise ValueError(f"task {config.task!r} has no training examples")
-        self.eval_set = list(self.task.eval_examples())[: config.eval_size] if config.eval_size else []
         chat = config.use_chat_template
         self.use_chat = bool(getattr(self.task, "use_chat_template", False) if chat is None else chat)
+        self.eval_sets = build_eval_sets(config, self.task, self.rewards, self.use_chat)  # named sets, first primary
+        self.eval_set = [e for s in self.eval_sets for e in s.examples]
+        self.report_to = [n for n in config.report_to if n != "tensorboard" or config.tensorboard]
+        if self.is_main:
+            check_report_to(self.report_to)  # a sink asked for but not installed: one line, before any loading
+        self._reward_ctx: dict[str, Any] = {"timeout_s": config.reward_timeout_s}
         self.engine = engine if engine is not None else self._load_engine()
         if self.engine.tokenizer is None:
             raise ValueError(f"model directory {config.model!r} has no tokenizer (tokenizer.json)")
@@ -176,7 +188,8 @@ class Trainer:
 
         cfg = self.config
         per, k = cfg.prompts_per_step, cfg.samples_per_prompt
-        scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples))
+        scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples),
+                                          **self._reward_ctx)
         block = per * k
         blocks = len(scores) // block
         grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(blocks)]
@@ -206,13 +219,30 @@ class Trainer:
         prompts = [self._prompt_ids(i) for batch in batches for i in batch]
         sampling = cfg.sampling_params(seed=derive_seed(cfg.seed, step, "sampling"))
         outs = self.engine.generate(prompts, sampling=sampling, samples_per_prompt=cfg.samples_per_prompt)
-        texts, flat_prompts, examples = [], [], []
+        texts, flat_prompts, examples, ids = [], [], [], []
         for j, index in enumerate(i for batch in batches for i in batch):
             for completion in outs[0][j]:
+                ids.append(completion.token_ids)
                 texts.append(completion.text)
                 flat_prompts.append(self.train_set[index].prompt)
                 examples.append(self.train_set[index])
+        self._reward_ctx = self._reward_context(step, ids)
         return self._fitness(texts, flat_prompts, examples)[0]
+
+    def _reward_context(self, step: int, ids: list[list[int]]) -> dict[str, Any]:
+        """What reward functions get besides prompts, completions and columns (TRL's keyword arguments)."""
+        from fastes.es.rewards import TrainerState
+
+        position = step * len(self.batches(0)) * self.config.prompts_per_step
+        state = TrainerState(global_step=step, max_steps=self.config.steps, epoch=position / len(self.train_set))
+        return {"completion_ids": ids, "trainer_state": state, "timeout_s": self.config.reward_timeout_s}
+
+    def _samples(self, step: int, prompts: list[Any], texts: list[str], scores: list[float]) -> list[Any]:
+        """A few of this step's rollouts, every evaluation.log_completions_every steps (rank 0's own)."""
+        ev = self.config.evaluation
+        if not (ev.log_completions_every and ev.log_completions and step % ev.log_completions_every == 0):
+            return []
+        return sample_completions(prompts, texts, scores, ev.log_completions)
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Generate with the population of ``step``, score, and apply the update; returns the metrics."""
@@ -230,17 +260,20 @@ class Trainer:
         outs = self.engine.generate(prompts, sampling=sampling, population=pop, step=step, samples_per_prompt=k,
                                     **share)
         gen_s = time.perf_counter() - t0
-        texts, flat_prompts, examples, tokens = [], [], [], 0
+        texts, flat_prompts, examples, tokens, ids = [], [], [], 0, []
         for i, m in enumerate(members):
             b = self._member_batch(m)
             for j, index in enumerate(batches[b]):
                 example = self.train_set[index]
                 for completion in outs[i][j]:
+                    ids.append(completion.token_ids)
                     texts.append(completion.text)
                     flat_prompts.append(example.prompt)
                     examples.append(example)
                     tokens += len(completion.token_ids)
+        self._reward_ctx = self._reward_context(step, ids)
         fitness, scores, stats = self._fitness(texts, flat_prompts, examples)
+        samples = self._samples(step, flat_prompts, texts, scores)
         if self.dist is not None:  # N fitness floats cross the network; rewards and stats only for the metrics
             fitness = self.dist.gather_fitness(fitness, pop)
             scores, tokens, stats = self.dist.gather_rollouts(scores, tokens, stats)
@@ -271,6 +304,8 @@ class Trainer:
             "tokens/s": tokens / gen_s if gen_s > 0 else 0.0,
         }
         record.update(stats)
+        if samples and self.is_main:
+            record["samples"] = samples
         return record
 
     def _observe_failures(self, step: int, stats: dict[str, float], rollouts: int, members: int, texts: list[str],
@@ -295,14 +330,11 @@ class Trainer:
 
         self.failures.observe(step, rewards_failed or fitness_failed, diagnose)
 
-    def evaluate(self) -> dict[str, Any]:
-        """Greedy decoding of the unperturbed model on the held-out set: accuracy and mean reward."""
-        if not self.eval_set:
-            return {}
-        examples = self.dist.shard(self.eval_set) if self.dist else self.eval_set
-        result = evaluate(self.engine, self.task, examples, self.rewards,
-                          self.config.sampling_params(seed=0, greedy=True), self.use_chat) if examples else None
-        return self.dist.merge_eval(result, len(examples)) if self.dist else result  # type: ignore[return-value]
+    def evaluate(self, step: int | None = None) -> dict[str, Any]:
+        """The unperturbed model on every eval set (fastes.es.evaluation); rows saved when ``step`` is given."""
+        save = step is not None and self.is_main and self.config.evaluation.save_outputs
+        return run_eval_sets(self.engine, self.eval_sets, step or 0, self.config, dist=self.dist,
+                             run_dir=self.run_dir if save else None, timeout_s=self.config.reward_timeout_s)
 
     # ------------------------------------------------------------------ the run
 
@@ -337,6 +369,10 @@ class Trainer:
         if self.is_main:
             path = ckpt.save_checkpoint(self.run_dir, step, self.engine, self.state_dict(step),
                                         self.es.optimizer.state_tensors(), source_dir=self.config.model)
+            if self.engine.model.lora:  # PEFT adapter in a subfolder: at the top, transformers would load it
+                from fastes.models.peft import save_peft_adapter
+
+                save_peft_adapter(self.engine.model, path / "adapter", self.config.model)
             keep = self.config.checkpoint
             ckpt.prune_checkpoints(self.run_dir, keep.keep_last, self.eval_history if keep.keep_best else None)
         if self.dist is not None:
@@ -368,7 +404,8 @@ class Trainer:
             cleanup.mark()
             cfg.to_yaml(self.run_dir / "config.yaml")
             truncate_metrics(self.run_dir, self.start_step)
-            logger = RunLogger(self.run_dir, cfg.steps, self.start_step, cfg.progress, cfg.tensorboard)
+            logger = RunLogger(self.run_dir, cfg.steps, self.start_step, cfg.progress,
+                               report_to=self.report_to, config=cfg.to_dict())
         stop = cfg.steps if max_steps is None else min(cfg.steps, self.start_step + max_steps)
         step, saved = self.start_step, self.start_step
         try:
@@ -377,7 +414,7 @@ class Trainer:
             while step < stop:
                 record: dict[str, Any] = {"step": step}
                 if self._eval_due(step):
-                    record.update(self.evaluate())
+                    record.update(self.evaluate(step))
                     if step == self.start_step and self.is_main and "eval/accuracy" in record:
                         print(f"held-out accuracy before training (step {step}): {record['eval/accuracy']:.3f}",
                               file=sys.stderr, flush=True)
@@ -393,7 +430,7 @@ class Trainer:
                     self.save(step)
                     saved = step
             if step == cfg.steps and self.eval_set:
-                final = self.evaluate()
+                final = self.evaluate(step)
                 logger.log({"step": step, **final})
                 if "eval/accuracy" in final:
                     self.eval_history[step] = float(final["eval/accuracy"])
