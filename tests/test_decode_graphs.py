@@ -172,3 +172,29 @@ def test_a_shrinking_batch_reuses_a_bigger_graph_up_to_twice_its_size(model_dir)
     assert [graphs.size_for(n) for n in (19, 12, 10, 9, 21)] == [20, 20, 20, 10, 24]
     graphs.begin(Perturbation(Population(size=2, seed=0)))  # another perturbation: its own graphs only
     assert graphs.size_for(12) == 12
+
+
+def test_load_packs_one_staging_buffer_with_padded_rows(model_dir):
+    """DecodeGraphs.load: the S real rows' inputs, then padded rows (token 0, position 0, member -1, slot -1,
+    seq_len 0) up to the graph size; the block tables of the real rows up to the step's width."""
+    import numpy as np
+
+    engine = _engine(model_dir, 16)
+    graphs = engine.decode_graphs
+    graphs.begin(None)
+    tables = np.array([[3, 4, 9], [5, 0, 0], [7, 8, 0]], dtype=np.int32)
+    size = graphs.load(np.array([11, 12, 13]), np.array([9, 2, 6]), np.array([0, 1, 1]), np.array([37, 22, 34]),
+                       np.array([10, 3, 7]), tables)
+    assert size == 3
+    assert graphs.load(np.arange(9), np.arange(9), np.zeros(9, dtype=np.int64), np.arange(9), np.ones(9, np.int64),
+                       np.zeros((9, 1), dtype=np.int32)) == 10
+    assert graphs.input_ids[:10].tolist() == list(range(9)) + [0]
+    assert graphs.row_member[:10].tolist() == [0] * 9 + [-1]
+    assert graphs.slot_mapping[:10].tolist() == list(range(9)) + [-1]
+    assert graphs.seq_lens[:10].tolist() == [1] * 9 + [0]
+    size = graphs.load(np.array([11, 12, 13]), np.array([9, 2, 6]), np.array([0, 1, 1]), np.array([37, 22, 34]),
+                       np.array([10, 3, 7]), tables)
+    assert graphs.input_ids[:3].tolist() == [11, 12, 13] and graphs.positions[:3].tolist() == [9, 2, 6]
+    assert graphs.slot_mapping[:3].tolist() == [37, 22, 34] and graphs.seq_lens[:3].tolist() == [10, 3, 7]
+    assert graphs.block_tables[:3, :3].tolist() == tables.tolist()
+    assert graphs.input_ids.dtype == torch.long and graphs.block_tables.dtype == torch.int32
