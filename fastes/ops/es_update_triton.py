@@ -28,8 +28,12 @@ H100 SXM (3.35 TB/s; 132 SMs × 4 schedulers × 32 lanes × 1.755 GHz ≈ 3.0e13
 * predicted: ≈ 27 µs with "ieee" (61 % of 3.35 TB/s), ≈ 20 µs with "tf32x3" (≈ 80 %), if the W
   read (issued before the K loop) overlaps the generation. bf16 sits at the compute/memory ridge and
   its largest fixed term is the rounding bits; fp32 weights (110 MB, no rounding bits) are
-  memory-bound at ≈ 33 µs. sm_90 compile (ptxas, no GPU): 215 registers at 64 × 128 / 8 warps, no
-  spills (128 × 128 spills) → one CTA per SM. Unmeasured: no GPU in this session.
+  memory-bound at ≈ 33 µs. sm_90 compile (``python -m bench.compile``, no GPU): 204 registers at
+  64 × 128 / 8 warps → one CTA per SM, ~35-50 % of bandwidth predicted (one CTA cannot overlap its
+  W load with its generation); now 64 × 64 / 4 warps, 204 registers, no spills → 2 CTAs per SM, one
+  generating while the other loads or stores. The smaller tile regenerates more factor noise,
+  K·r·(1/64 + 1/64) = 0.5 values/elem instead of 0.375 (+1.7e6 values, ~+2 µs): predicted ≈ 22 µs
+  with "tf32x3" (≈ 75 % of 3.35 TB/s). Unmeasured: no GPU in this session.
 * full mode is compute-bound by design: K Gaussians per element (~45 instructions each) → values/s.
 """
 
@@ -162,17 +166,21 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _config(lowrank: bool, numel: int, columns: int) -> dict[str, int]:
+def _config(lowrank: bool, numel: int, columns: int, blockgen: bool = True) -> dict[str, int]:
     """One fixed config per path: the interpreter cannot autotune, and it pays per executed op, not
     per element, so there it takes wide chunks (many indices per loop trip, small tiles for small W).
 
-    ``columns`` is K·r (lowrank) or K (full).
+    ``columns`` is K·r (lowrank) or K (full). On a GPU the lowrank tile is 64 × 64 at 4 warps for
+    block-wise (Gaussian) factors: 204 registers, 2 CTAs/SM on sm_90 (64 × 128 at 8 warps: 204, 1 CTA/SM);
+    the element-wise path (Rademacher, odd ranks) spills at 64 × 64 and keeps 64 × 128 at 8 warps.
     """
     if _backend.triton_interpreted():
         if lowrank:
             return {"BM": 32, "BN": 32, "KC": min(max(16, _next_pow2(columns)), 256), "num_warps": 4}
         return {"BLOCK": min(max(128, _next_pow2(numel)), 4096), "KB": min(_next_pow2(columns), 64), "num_warps": 4}
     if lowrank:  # 64 rows: the [BM, BN/4] rounding-bit Philox states must fit beside the fp32 accumulator
+        if blockgen:
+            return {"BM": 64, "BN": 64, "KC": 16, "num_warps": 4}
         return {"BM": 64, "BN": 128, "KC": 16, "num_warps": 8}
     return {"BLOCK": 1024, "KB": 1, "num_warps": 4}
 
@@ -215,12 +223,12 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
                 sr_idx=as_i32(SR_NOISE_INDEX), KIND=KIND_INT[noise.kind], OUT=OUT_CODES[weight.dtype])
     if lowrank:
         out_f, in_f = weight.shape
-        cfg = _config(True, weight.numel(), len(folded) * rank)
+        blockgen = noise.kind == "gaussian" and rank & (rank - 1) == 0 and (in_f * rank) % 4 == 0
+        cfg = _config(True, weight.numel(), len(folded) * rank, blockgen)
         bm, bn = block_m or cfg["BM"], block_n or cfg["BN"]
         for value, arg in ((bm, "block_m"), (bn, "block_n")):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{arg} must be a power of two >= 16, got {value}")
-        blockgen = noise.kind == "gaussian" and rank & (rank - 1) == 0 and (in_f * rank) % 4 == 0
         kc = max(cfg["KC"], rank) if blockgen else cfg["KC"]
         grid = (triton.cdiv(out_f, bm), triton.cdiv(in_f, bn))
         return lambda: _lowrank_kernel[grid](weight, idx, coef, out_f, in_f, len(folded), **args, R=rank, KC=kc,

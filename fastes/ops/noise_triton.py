@@ -94,6 +94,8 @@ def noise_fill_triton(
     _backend.require_triton(out, "out", _TRITON_ERROR)
     per = GROUP[kind]
     values = _default_values_per_program(kind) if block is None else block
+    if elementwise and block is None and not _backend.triton_interpreted():
+        values = 1024  # one Philox call per value in registers: 8 values per thread at 4 warps, no spills
     if isinstance(values, bool) or not isinstance(values, int) or values < per or values & (values - 1):
         raise ValueError(f"block must be a power of two >= {per} for {kind} noise, got {block!r}")
     if n == 0:
