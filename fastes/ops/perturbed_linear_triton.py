@@ -48,8 +48,10 @@ full: Y_m = X_m (W + σ·s·E_m)ᵀ in one K loop: each (X, W) tile pair is load
   each member of a pair generating the same tile). N = 32 antithetic at 1536x1536: 38 M values,
   predicted ~103 us Gaussian / ~11 us Rademacher against a 12 us GEMM (before: 206 / 21 us),
   plus per-run dots of (N/2 + T/BM)·BM rows: predicted ratio 0.10 Gaussian / 0.35 Rademacher
-  (before 0.05 / 0.21). Not done: prefill (a member's rows over several row tiles) still
-  generates its noise once per row tile, (T/BM)·numel values; a member-wide M tile is the fix.
+  (before 0.05 / 0.21). Prefill (a member's rows over several row tiles) generates its noise once
+  per row tile it touches, ≈ (T/BM)·numel values: the 256 × 64 config (198 registers, no spills on
+  sm_90) quarters that against 64-row tiles where the autotuner finds it faster; once per (W tile,
+  member) for any run length would need a member-wide accumulator or a noise stash (not done).
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ if triton is not None:
 # there; BK = 128 spills with Gaussian noise. BK % 32 == 0 keeps one Philox call per 32 signs.
 _GPU_CONFIGS = {
     "gemm": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
-    "full": [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2)],
+    "full": [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (256, 64, 32, 8, 2)],
     "gemm-fp32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)],  # ieee fp32 dots run on the CUDA cores
     "full-fp32": [(64, 64, 32, 4, 2)],
 }
