@@ -116,7 +116,7 @@ class RunLogger:
             import wandb
 
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastes"), name=self.run_dir.name,
-                                     dir=str(self.run_dir), config=config or {}, reinit="create_new")
+                                     dir=str(self.run_dir), config=config or {})
 
     def _start_progress(self, start_step: int) -> None:
         from rich.console import Console
