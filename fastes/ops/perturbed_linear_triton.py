@@ -19,6 +19,9 @@ lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
      tensor-core dot Hexp [BM, SEGC·RP] · Astack [SEGC·RP, BN] (SEGC·RP = 16), where Hexp holds
      each row's H in its run's slot and Astack the runs' A tiles, generated for the runs present
      only (before: all SEGC slots, 16 per tile at r = 1 where a decode tile holds 4-8 runs).
+     Rank 1 skips the dot: per run, acc += H·a_qᵀ as an outer product on the CUDA cores (BM·BN
+     FMAs per run, < 1% of the K loop), which holds no operand tiles: sm_90, 128 × 128 bf16:
+     166 -> 115 registers, 1 -> 2 CTAs/SM (Gaussian; Rademacher 165 -> 128).
   Noise per launch when each run sits in one row tile (the decode layout): runs·(in + out)·r,
   tested by tests/test_work_counts.py.
   Counted for a decode step of Qwen2.5-1.5B shapes (out x in = 1536x1536, 8960x1536,
@@ -237,8 +240,15 @@ if triton is not None:
             h = tl.zeros([BM, RP], tl.float32)
             for s in tl.static_range(SPLITS):  # the shrink's K splits, summed in a fixed order
                 h += tl.load(h_ptrs + s * T * RP, mask=rmask[:, None], other=0.0)
+            if RP == 1:  # rank 1: an outer product per run on the CUDA cores, no operand tiles for a dot
+                h1 = tl.sum(h, axis=1)
+                for q in range(nruns):
+                    one = tl.full([1], 0, tl.int64) + tl.max(tl.where(seg == q, key, -1), axis=0)
+                    a = _factor_tile(a_start, rank, pid_n * BN, one, k0, k1, tid, step, BN, RP, KIND,
+                                     LAYOUT_OK and (BN * RP) % PER == 0)  # [1, BN, 1]
+                    acc += tl.where(seg == q, h1, 0.0)[:, None] * tl.reshape(a, (BN,))[None, :]
             slot = tl.arange(0, SEGC)
-            for c in range(tl.cdiv(nruns, SEGC)):
+            for c in range(tl.cdiv(nruns, SEGC) if RP > 1 else 0):
                 # A tiles of the runs present only (one noise index each), stacked [SEGC·RP, BN] for one dot
                 astack = tl.zeros([SEGC, RP, BN], tl.float32)
                 for q in range(c * SEGC, tl.minimum(nruns, c * SEGC + SEGC)):
