@@ -94,3 +94,20 @@ def test_run_with_greedy_and_sampled_sets_writes_rows(tmp_path):
             assert record[f"eval/sampled/pass@{k}"] == pytest.approx(want)
         assert len({r["completion"] for r in sampled}) > 3  # sampled, not greedy
         assert "eval/seen/accuracy" in record and "eval/seen/pass@1" in record
+
+
+def test_zero_steps_only_evaluates(tmp_path):
+    from tiny_model import DigitTask, make_tiny_model
+
+    from fastes.es.config import TrainConfig
+    from fastes.es.logger import read_metrics
+    from fastes.es.trainer import Trainer
+
+    model = make_tiny_model(tmp_path / "m", seed=0)
+    cfg = TrainConfig.from_dict(dict(model=str(model), task="digits", out=str(tmp_path / "run"), device="cpu",
+                                     steps=0, eval_size=2, progress=False, report_to=["jsonl"],
+                                     kv_cache_tokens=2048, population=dict(size=4), sampling=dict(max_tokens=3)))
+    Trainer(cfg, task=DigitTask()).train()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0] and "eval/accuracy" in records[0] and "reward/mean" not in records[0]
+    assert len((tmp_path / "run" / "evals" / "eval" / "step-000000.jsonl").read_text().splitlines()) == 2
