@@ -69,7 +69,7 @@ def _children(args: argparse.Namespace, cache_dir: str) -> dict[str, Any]:
     for i in range(args.jobs):
         part = os.path.join(tmp, f"part{i}.json")
         cmd = [sys.executable, "-m", "bench.compile", "--shard", f"{i}/{args.jobs}", "--part", part,
-               "--arch", str(args.arch), "--cache-dir", os.path.join(cache_dir, f"shard{i}")]
+               "--arch", str(args.arch), "--cache-dir", cache_dir]  # one cache: Triton writes it atomically
         cmd += (["--subset"] if args.subset else []) + (["--only", args.only] if args.only else [])
         cmd += ["-v"] if args.verbose else []
         procs.append(subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2]))
