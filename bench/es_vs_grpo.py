@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,27 +39,33 @@ NO_TRL = "TRL not installed (pip install 'fastes[grpo]')"
 
 
 class Clock:
-    """Training wall-clock with evaluation time taken out, a budget, and evaluation points every budget/evals s."""
+    """Training time with evaluation time taken out, a budget, and evaluation points every budget/evals s.
 
-    def __init__(self, budget_s: float, evals: int) -> None:
+    ``timer`` is wall-clock (time.perf_counter) or this process's CPU time (time.process_time): on a machine
+    shared with other jobs, CPU time is what a one-thread run would have taken on a quiet machine, and it does
+    not favour whichever method happened to run while the load was lower.
+    """
+
+    def __init__(self, budget_s: float, evals: int, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.now = timer
         self.budget, self.every = budget_s, budget_s / max(1, evals)
         self.t0, self.paused_s, self.next_eval = 0.0, 0.0, budget_s / max(1, evals)
         self.pause_t: float | None = None
 
     def start(self) -> None:
-        self.t0, self.paused_s = time.perf_counter(), 0.0
+        self.t0, self.paused_s = self.now(), 0.0
 
     def train_s(self) -> float:
         """Stands still while paused, so an eval point is stamped with the time its weights were trained for."""
-        return (self.pause_t or time.perf_counter()) - self.t0 - self.paused_s
+        return (self.pause_t or self.now()) - self.t0 - self.paused_s
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        self.pause_t = time.perf_counter()
+        self.pause_t = self.now()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - self.pause_t
+            self.paused_s += self.now() - self.pause_t
             self.pause_t = None
 
     def eval_due(self) -> bool:
@@ -250,6 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kl-prompts", type=int, default=32)
     p.add_argument("--kl-tokens", type=int, default=32, help="continuation tokens sampled from the base for KL")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: 1)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="budget in wall-clock or in this "
+                   "process's CPU seconds (cpu: fair on a machine shared with other jobs; one thread)")
+    p.add_argument("--skip-analysis", action="store_true", help="curves only: no KL, geometry or interpolation")
     p.add_argument("--quick", action="store_true", help="30 s budgets, 3-point interpolation")
     p.add_argument("--out", type=Path, help="results directory (default: bench/results/es_vs_grpo-<dev>-<time>)")
     p.add_argument("--keep-checkpoints", action="store_true", help="copy the final checkpoints into --out")
@@ -275,27 +284,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"bench": "es_vs_grpo", "device": device, "device_type": dev, **versions(),
                                "trl": getattr(_trl(), "__version__", None), "git_commit": git_commit(),
                                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "quick": args.quick,
-                               "budget_s": args.budget_s,
+                               "budget_s": args.budget_s, "clock": args.clock,
                                "model": cfg.model, "task": {"name": cfg.task, "options": cfg.task_options},
                                "eval": {"size": cfg.eval_size, "max_tokens": cfg.sampling.max_tokens, "greedy": True}}
     try:
         print(f"{device}, {torch.get_num_threads()} thread(s); model {cfg.model}; task {cfg.task} "
               f"{cfg.task_options}; budget {args.budget_s:g} s per method")
-        results["es"], es = run_es(cfg, Clock(args.budget_s, args.evals), work)
+        timer = time.process_time if args.clock == "cpu" else time.perf_counter
+        results["es"], es = run_es(cfg, Clock(args.budget_s, args.evals, timer), work)
         shutil.copy(results["es"]["metrics_file"], out / "es_metrics.jsonl")
         es.engine = es.es = None  # free the ES weights before GRPO loads its own
         gc.collect()
         if args.skip_grpo:
             results["grpo"] = {"status": "skipped", "reason": "--skip-grpo"}
         else:
-            results["grpo"] = run_grpo(cfg, args, Clock(args.budget_s, args.evals), work, es)
+            results["grpo"] = run_grpo(cfg, args, Clock(args.budget_s, args.evals, timer), work, es)
         print(f"GRPO: {'TRL ' + results['grpo']['trl_version'] if results['grpo']['status'] == 'ok' else ''}"
               f"{results['grpo'].get('reason', '')}; settings {results['grpo'].get('settings', {})}")
         if results["grpo"]["status"] == "ok":
             log = results["grpo"].pop("log")
             (out / "grpo_metrics.jsonl").write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in log))
         runs = {k: results[k]["checkpoint"] for k in ("es", "grpo") if results[k]["status"] == "ok"}
-        results["analysis"] = analyze(cfg, es, runs, args, out)
+        results["analysis"] = {} if args.skip_analysis else analyze(cfg, es, runs, args, out)
         plot_curves(results, out / "curves.png")
         if args.keep_checkpoints:
             for k, path in runs.items():

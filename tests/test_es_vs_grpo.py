@@ -107,3 +107,48 @@ def test_clock_excludes_paused_time() -> None:
     assert clock.eval_due() and not clock.eval_due()  # due once per interval
     time.sleep(1.0)
     assert clock.done()
+
+
+def test_clock_runs_on_the_timer_it_is_given() -> None:
+    """--clock cpu: the budget and eval points follow the given timer (CPU seconds), not the wall."""
+    sys.path.insert(0, str(ROOT))
+    from bench.es_vs_grpo import Clock
+
+    now = [10.0]
+    clock = Clock(budget_s=4.0, evals=2, timer=lambda: now[0])
+    clock.start()
+    now[0] = 11.5
+    assert clock.train_s() == 1.5 and not clock.eval_due()
+    with clock.paused():
+        now[0] = 50.0  # an evaluation that took 38.5 s
+    assert clock.train_s() == 1.5
+    now[0] = 52.0
+    assert clock.train_s() == 3.5 and clock.eval_due() and not clock.done()
+    now[0] = 52.6
+    assert clock.done()
+
+
+def test_seed_summary_is_mean_and_sd_at_equal_time() -> None:
+    """Accuracy at t is the latest eval at or before t; mean ± sample sd over seeds; 'never reached' is kept apart."""
+    sys.path.insert(0, str(ROOT))
+    from bench.es_vs_grpo_seeds import accuracy_at, first_reach, markdown, summarize
+
+    def curve(accs: list[float]) -> list[dict]:
+        return [{"train_s": 5.0 * i + (0.3 if i else 0.0), "samples": 100 * i, "accuracy": a}
+                for i, a in enumerate(accs)]
+
+    runs = [[0.3, 0.4, 0.5, 0.6], [0.3, 0.5, 0.5, 0.4], [0.3, 0.35, 0.45, 0.5]]
+    results = [{"budget_s": 15.0, "clock": "cpu", "es": {"status": "ok", "curve": curve(r), "steps": 10 + i,
+                                                          "samples": 300},
+                "grpo": {"status": "skipped", "reason": "x"}} for i, r in enumerate(runs)]
+    assert accuracy_at(results[0]["es"]["curve"], 5.0) == 0.3 and accuracy_at(results[0]["es"]["curve"], 5.3) == 0.4
+    assert first_reach(results[1]["es"]["curve"], 0.5) == 100 and first_reach(results[2]["es"]["curve"], 0.55) is None
+    s = summarize(results)
+    assert s["times"] == [0.0, 5.0, 10.0, 15.0] and s["grpo"] == {"status": "skipped"}
+    final = [0.6, 0.4, 0.5]
+    mean = sum(final) / 3
+    sd = (sum((x - mean) ** 2 for x in final) / 2) ** 0.5
+    assert s["es"]["final"] == pytest.approx((mean, sd)) and s["es"]["best"][0] == pytest.approx((0.6 + 0.5 + 0.5) / 3)
+    assert s["es"]["at_time"][2][0] == pytest.approx((0.4 + 0.5 + 0.35) / 3)  # t = 10: the evals at 5.3 s
+    assert s["es"]["to_threshold"]["0.55"] == [300, None, None]
+    assert "300 (1/3 seeds)" in markdown(s)
