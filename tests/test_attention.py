@@ -74,6 +74,8 @@ SEQ_LENS = [1, 5, 33, 17, 70, 9, 70]  # q_len 0 (an idle slot) is skipped by the
     (8, 4, 1, 16, 20),
     (16, 6, 2, 32, None),  # GROUP 3: not a power of two
     (16, 4, 2, 24, 7),  # head_dim 24: masked to 32
+    (16, 4, 2, 128, None),  # fp32 head_dim > 64: the score summed over head_dim chunks
+    (8, 4, 1, 96, 20),  # chunked and masked to 128
 ])
 def test_prefill_matches_reference(rng: torch.Generator, block_size: int, q_heads: int, kv_heads: int, head_dim: int,
                                    window: int | None) -> None:

@@ -72,15 +72,19 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, bt_row, pos, col_ok, offs_d, d_ok, kvh, s_kb, s_ko, s_kh, s_vb, s_vo, s_vh,
-             BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr):
-    """K and V [BLOCK_N, BLOCK_D] at logical positions ``pos`` (masked columns and padding dims read 0)."""
+             BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, LOAD_K: tl.constexpr = True):
+    """K and V [BLOCK_N, BLOCK_D] at logical positions ``pos`` (masked columns and padding dims read 0);
+    K is zeros without LOAD_K (the caller reads it in head_dim chunks)."""
     phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=col_ok, other=0).to(tl.int64)
     off = (pos % BLOCK_SIZE).to(tl.int64)
     if EVEN_D:
         mask = col_ok[:, None]
     else:
         mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + (phys * s_kb + off * s_ko + kvh * s_kh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    if LOAD_K:
+        k = tl.load(k_ptr + (phys * s_kb + off * s_ko + kvh * s_kh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    else:
+        k = tl.zeros([pos.shape[0], offs_d.shape[0]], k_ptr.dtype.element_ty)
     v = tl.load(v_ptr + (phys * s_vb + off * s_vo + kvh * s_vh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return k, v
 
@@ -133,13 +137,31 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, lens_ptr, bt_ptr, qk_sca
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give p = 0, never NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # fp32 ("ieee") dots run on the CUDA cores, each thread holding whole rows of both operands: at
+    # head_dim 128 the q·kᵀ operands alone fill 255 registers (sm_90: 788 B spilled), so the score is
+    # summed over head_dim chunks of D_CHUNK loaded from memory (q re-read from L1 per key tile).
+    D_CHUNK: tl.constexpr = 32
+    CHUNKED: tl.constexpr = IEEE and BLOCK_D > 2 * D_CHUNK
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + offs_n
         k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, pos < hi, offs_d, d_ok, kvh, s_kb, s_ko, s_kh,
-                        s_vb, s_vo, s_vh, BLOCK_SIZE, EVEN_D)
-        k = k.to(q.dtype)
+                        s_vb, s_vo, s_vh, BLOCK_SIZE, EVEN_D, not CHUNKED)
         v = v.to(q.dtype)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        if CHUNKED:
+            phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos < hi, other=0).to(tl.int64)
+            k_row = phys * s_kb + (pos % BLOCK_SIZE).to(tl.int64) * s_ko + kvh * s_kh
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for d0 in tl.static_range(0, BLOCK_D, D_CHUNK):
+                od = d0 + tl.arange(0, D_CHUNK)
+                qd = tl.load(q_ptr + row_off[:, None] + od[None, :], mask=row_ok[:, None] & (od < HEAD_DIM)[None, :],
+                             other=0.0).to(tl.float32)
+                kd = tl.load(k_ptr + k_row[:, None] + od[None, :], mask=(pos < hi)[:, None] & (od < HEAD_DIM)[None, :],
+                             other=0.0).to(tl.float32)
+                s += _dot(qd, tl.trans(kd), IEEE)
+            s = s * qk_scale
+        else:
+            k = k.to(q.dtype)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
         allowed = pos[None, :] <= q_pos[:, None]  # causal; also keeps valid rows inside [0, seq_len)
         if USE_WINDOW:
             allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
@@ -333,8 +355,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_m, block_n, warps, stages = 16, 16, 4, 1
     elif head_dim <= 128 and q.dtype != torch.float32:
         block_m, block_n, warps, stages = min(128, max(16, triton.next_power_of_2(rows))), 64, 8, 2
-    else:
+    elif q.dtype != torch.float32:
         block_m, block_n, warps, stages = min(64, max(16, triton.next_power_of_2(rows))), 32, 8, 1
+    else:  # fp32 "ieee" dots run on the CUDA cores with operands in registers: smaller tiles, no spills
+        block_m = min(32 if head_dim <= 128 else 16, max(16, triton.next_power_of_2(rows)))
+        block_n, warps, stages = (32 if head_dim <= 128 else 16), 8, 1
     grid = (triton.cdiv(rows, block_m), num_seqs, kv_heads)
     _prefill_kernel[grid](q, k_cache, v_cache, out, *args, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
                           num_warps=warps, num_stages=stages)
