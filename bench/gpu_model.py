@@ -65,6 +65,17 @@ class Step:
     def noise_values(self) -> float:
         return sum(k.noise_values * n for k, _, n in self.kernels)
 
+    def breakdown(self) -> dict[str, list[Any]]:
+        """kernel name -> [low ms, high ms, launches, {bound: launches}] summed over the step."""
+        out: dict[str, list[Any]] = {}
+        for k, t, n in self.kernels:
+            row = out.setdefault(k.name, [0.0, 0.0, 0, {}])
+            row[0] += t.low * n * 1e3
+            row[1] += t.high * n * 1e3
+            row[2] += n
+            row[3][t.bound] = row[3].get(t.bound, 0) + n
+        return {name: [round(r[0], 3), round(r[1], 3), r[2], r[3]] for name, r in out.items()}
+
 
 def _projections(m: Model) -> list[tuple[str, int, int, str]]:
     """(name, out, in, gate case name) of one layer's projections; v shares k's shape, gate up's."""
@@ -195,10 +206,12 @@ def update_kernel(gate: Gate, m: Model, n: int = MEMBERS, hw: Hardware = H100) -
     return k, t, ideal / t.low
 
 
-def gaussian_noise_bound(m: Model, hw: Hardware = H100, n: int = MEMBERS) -> float:
-    """Seconds of CUDA-core time per decode step just to generate full-rank Gaussian noise: N·numel values."""
+def gaussian_noise_bound(m: Model, hw: Hardware = H100, n: int = MEMBERS, philox_only: bool = False) -> float:
+    """Seconds of CUDA-core time per decode step just to generate full-rank Gaussian noise: N·numel values
+    (``philox_only``: only the contract's Philox words, on the INT32 pipe, without Box-Muller)."""
     numel = sum(o * i for _, o, i, _ in _projections(m)) * LAYERS[m.name]
-    return cuda_core_seconds(*noise_ops(n * numel, "gaussian"), hw.sms, hw)
+    int_ops, fp_ops = noise_ops(n * numel, "gaussian")
+    return cuda_core_seconds(int_ops, 0.0 if philox_only else fp_ops, hw.sms, hw)
 
 
 def predict(gate: Gate, hw: Hardware = H100) -> dict[str, Any]:
@@ -218,6 +231,10 @@ def predict(gate: Gate, hw: Hardware = H100) -> dict[str, Any]:
         bound = gaussian_noise_bound(m, hw)
         entry["gaussian_noise_bound_ms"] = round(bound * 1e3, 3)
         entry["gaussian_ratio_bound"] = round(base_low / max(base_low, bound), 3)
+        philox = gaussian_noise_bound(m, hw, philox_only=True)
+        entry["philox_bound_ms"] = round(philox * 1e3, 3)
+        entry["philox_ratio_bound"] = round(base_low / max(base_low, philox), 3)
+        entry["breakdown_ms"] = {mode: step.breakdown() for mode, step in steps.items()}
         _, t, frac = update_kernel(gate, m, hw=hw)
         entry["update"] = {"us": round(t.low * 1e6, 1), "bound": t.bound, "bandwidth_fraction": round(frac, 3)}
         out["models"][m.name] = entry
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_model", description=__doc__.splitlines()[0])
     ap.add_argument("--gate", help="compile-gate JSON (default: the newest bench/results/compile-sm90-*.json)")
     ap.add_argument("--json", help="write the predictions here")
+    ap.add_argument("--breakdown", action="store_true", help="print each mode's time per kernel")
     args = ap.parse_args(argv)
     path = Path(args.gate) if args.gate else _latest_gate()
     if path is None or not path.is_file():
@@ -252,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e['step_ms'][mode][0]:.2f}-{e['step_ms'][mode][1]:.2f} ms, "
                   f"{e['noise_values_per_step'][mode]:.3g} noise values")
         print(f"  full-rank Gaussian noise bound: {e['gaussian_noise_bound_ms']:.1f} ms of CUDA-core time per step "
-              f"-> ratio <= {e['gaussian_ratio_bound']:.3f}")
+              f"-> ratio <= {e['gaussian_ratio_bound']:.3f} (Philox words alone: {e['philox_bound_ms']:.1f} ms, "
+              f"<= {e['philox_ratio_bound']:.3f})")
+        if args.breakdown:
+            for mode, rows in e["breakdown_ms"].items():
+                print(f"    {mode}: " + "; ".join(f"{k} {lo:.2f}-{hi:.2f} ms x{n} {b}" for k, (lo, hi, n, b)
+                                                  in rows.items()))
         u = e["update"]
         print(f"  lowrank update [inter x hidden]: {u['us']:.1f} us ({u['bound']}-bound), "
               f"{u['bandwidth_fraction']:.0%} of HBM bandwidth (target >= 70%)")

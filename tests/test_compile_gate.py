@@ -68,7 +68,7 @@ def test_policy_allowlist_has_a_reason_and_a_ceiling() -> None:
     half = entry.max_bytes // 2  # stores + loads, each half the ceiling: exactly at it
     assert policy.verdict(_record(spill=half, **where), hot)[0] == "allowed"
     assert policy.verdict(_record(spill=half + 1, **where), hot)[0] == "FAIL"
-    other = {k: (v + 1 if isinstance(v, int) else v) for k, v in where.items()}
+    other = {k: (v + 1 if isinstance(v, int) else f"not {v}") for k, v in where.items()}
     assert policy.verdict(_record(spill=2, **other), hot)[0] == "FAIL"
     assert all(a.reason and a.max_bytes > 0 and a.kernel in cases.HOT_KERNELS for a in policy.ALLOWED_SPILLS)
 

@@ -116,6 +116,8 @@ def test_gaussian_bound_is_n_numel_values_on_the_cuda_cores() -> None:
     values = MEMBERS * numel
     issue = (values / 4 * 66 + values / 2 * 56) / (128 * 132 * 1.755e9)
     assert gpu_model.gaussian_noise_bound(QWEN_15B) == pytest.approx(issue)
+    int_pipe = values / 4 * 66 / (64 * 132 * 1.755e9)  # the Philox words alone, on the half-rate INT32 pipe
+    assert gpu_model.gaussian_noise_bound(QWEN_15B, philox_only=True) == pytest.approx(int_pipe)
 
 
 def test_update_bandwidth_fraction() -> None:

@@ -30,14 +30,13 @@ class Allowed:
 
 # Known spills at the time the gate was written (issue 15 findings; being fixed in fastes/ops).
 ALLOWED_SPILLS: tuple[Allowed, ...] = (
-    Allowed("_noise_fill_kernel", (("KIND", 1),), 9216,
-            "Rademacher fill keeps a whole 32-sign word group live per thread (issue 15: ~8 KB)"),
+    Allowed("_noise_fill_kernel", (("KIND", 1), ("ELEMENTWISE", True)), 32768,
+            "element-wise Rademacher fill (noise_at per value): ~11 KB stored per thread (issue 15)"),
     Allowed("_noise_fill_kernel", (("KIND", 0),), 16, "Gaussian fill: a few bytes around the Box-Muller call"),
     Allowed("_prefill_kernel", (("IEEE", True),), 4096,
             "fp32 prefill attention: the [BLOCK_M, head_dim] fp32 accumulator plus q tile exceed 255 registers"),
-    Allowed("_gemm_kernel", (("MODE", 2), ("KIND", 1)), 512,
-            "full-rank Rademacher GEMM: the per-member sign loop inside the K loop (issue 15)"),
-    Allowed("_shrink_kernel", (), 64, "lowrank shrink with Gaussian noise: a few bytes of Box-Muller state"),
+    Allowed("_gemm_kernel", (("PREC", "ieee"),), 96,
+            "fp32 GEMM configs (ieee dots on the CUDA cores, BK = 32): 4-44 B; the bf16 path does not spill"),
 )
 
 
