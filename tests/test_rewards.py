@@ -209,9 +209,9 @@ def test_failure_report_names_the_plugin_and_first_error(capsys):
         raise KeyError("ground_truth")
 
     report = score_rewards([(broken_reward, 1.0), (trl_format_reward, 1.0)], ["a", "b"], ["p", "q"])
-    assert report.errors == {"broken_reward": "KeyError: 'ground_truth'"}
+    assert report.errors == {"broken_reward": "raised KeyError: 'ground_truth'"}
     assert report.all_failed and report.stats["reward/errors"] == 2
-    assert "reward 'broken_reward' failed: KeyError" in capsys.readouterr().err
+    assert "reward 'broken_reward' failed: raised KeyError" in capsys.readouterr().err
     scores, stats = score_completions([(trl_format_reward, 1.0)], ["a"], ["p"])  # the old interface
     assert scores == [0.0] and stats["reward/errors"] == 0
 

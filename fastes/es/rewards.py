@@ -146,7 +146,7 @@ class RewardReport:
     """Scores and counters of one scoring pass, plus each failing plug-in's first error message.
 
     ``errors`` maps a plug-in's name to the first failure seen in this pass (an exception
-    as ``Type: message``, a timeout, or a wrong-length result), so a caller can say which
+    as ``raised Type: message``, a timeout, or a wrong-length result), so a caller can say which
     reward broke and why instead of training on zeros.
     """
 
@@ -215,7 +215,7 @@ def _invoke(func: RewardFn, kwargs: dict[str, Any], timeout_s: float) -> list[An
 def _message(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text if len(text) <= 200 else text[:197] + "..."
-    return text if isinstance(exc, _Timeout) else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text if isinstance(exc, _Timeout) else f"raised {type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _slice_columns(columns: dict[str, Any], i: int, n: int) -> dict[str, Any]:
@@ -274,7 +274,7 @@ _WARNED: set[tuple[str, str]] = set()
 
 def _warn_once(name: str, message: str) -> None:
     """One stderr line per (plug-in, error type): silent zeros are how a broken reward goes unnoticed."""
-    key = (name, message.split(":", 1)[0])
+    key = (name, message.split(":", 1)[0])  # e.g. "raised KeyError"
     if key not in _WARNED:
         _WARNED.add(key)
         print(f"warning: reward {name!r} failed: {message}", file=sys.stderr, flush=True)

@@ -85,6 +85,7 @@ class Trainer:
         if self.is_main:
             check_report_to(self.report_to)  # a sink asked for but not installed: one line, before any loading
         self._reward_ctx: dict[str, Any] = {"timeout_s": config.reward_timeout_s}
+        self.reward_errors: dict[str, str] = {}  # each failing reward plug-in's first error in the last scoring
         self.engine = engine if engine is not None else self._load_engine()
         if self.engine.tokenizer is None:
             raise ValueError(f"model directory {config.model!r} has no tokenizer (tokenizer.json)")
@@ -183,13 +184,13 @@ class Trainer:
                  examples: list[Any]) -> tuple[torch.Tensor, list[float], dict[str, float]]:
         """(fitness per block, rewards, reward stats) of rollouts laid out block by block (a member, or the centre)."""
         from fastes.es.fitness import evaluate_member_fitness, make_rollouts, member_fitness
-        from fastes.es.rewards import score_completions
+        from fastes.es.rewards import score_rewards
         from fastes.es.tasks.base import collate_columns
 
         cfg = self.config
         per, k = cfg.prompts_per_step, cfg.samples_per_prompt
-        scores, stats = score_completions(self.rewards, texts, flat_prompts, collate_columns(examples),
-                                          **self._reward_ctx)
+        report = score_rewards(self.rewards, texts, flat_prompts, collate_columns(examples), **self._reward_ctx)
+        scores, stats, self.reward_errors = report.scores, report.stats, report.errors  # errors: plug-in -> first
         block = per * k
         blocks = len(scores) // block
         grid = [[scores[m * block + j * k : m * block + (j + 1) * k] for j in range(per)] for m in range(blocks)]
@@ -227,7 +228,10 @@ class Trainer:
                 flat_prompts.append(self.train_set[index].prompt)
                 examples.append(self.train_set[index])
         self._reward_ctx = self._reward_context(step, ids)
-        return self._fitness(texts, flat_prompts, examples)[0]
+        members_errors = self.reward_errors  # the members' reward errors are the ones a failure reports
+        center = self._fitness(texts, flat_prompts, examples)[0]
+        self.reward_errors = members_errors
+        return center
 
     def _reward_context(self, step: int, ids: list[list[int]]) -> dict[str, Any]:
         """What reward functions get besides prompts, completions and columns (TRL's keyword arguments)."""
@@ -320,6 +324,8 @@ class Trainer:
             fitness_failed = False
 
         def diagnose() -> tuple[str, str]:
+            if rewards_failed and self.reward_errors:  # what the real calls raised, with TRL's arguments
+                return next(iter(self.reward_errors.items()))
             if rewards_failed and texts:
                 return first_reward_error(self.rewards, texts[0], prompts[0], collate_columns(examples[:1]))
             if fitness_failed and texts:
