@@ -1,8 +1,9 @@
 """The Task interface the ES trainer drives, plus helpers shared by the built-in tasks.
 
 A task owns its data (generated from a seed or read from local files; only the
-``datasets`` task may fetch a hub dataset, when given a hub name) and its reward. Rewards follow the TRL convention so that the
-same function works in TRL's GRPOTrainer and here: ``reward(completions, prompts,
+``datasets`` task may fetch a hub dataset, when given a hub name) and its reward.
+Rewards follow the TRL convention so that the same function works in TRL's
+GRPOTrainer and here: ``reward(completions, prompts,
 **columns)`` where every dataset column arrives as a keyword list aligned with
 `completions`, returning one float (or None: "does not apply") per completion.
 """
