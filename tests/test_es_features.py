@@ -175,7 +175,7 @@ def test_common_random_numbers_share_the_unperturbed_stream(model_dir):
     prompts = ["12+3=", "abc", "x y"]
     crn = SamplingParams(max_tokens=5, temperature=1.5, seed=11, common_random_numbers=True)
     own = SamplingParams(max_tokens=5, temperature=1.5, seed=11)
-    center = [[c.token_ids for c in p] for p in engine.generate(prompts, crn)[0]]
+    center = [[c.token_ids for c in p] for p in engine.generate(prompts, own)[0]]  # its own stream, no CRN
     with_crn = [[[c.token_ids for c in p] for p in m] for m in engine.generate(prompts, crn, pop, step=1)]
     without = [[[c.token_ids for c in p] for p in m] for m in engine.generate(prompts, own, pop, step=1)]
     assert all(m == center for m in with_crn)
@@ -183,3 +183,17 @@ def test_common_random_numbers_share_the_unperturbed_stream(model_dir):
     config = make_config(model_dir, sampling=dict(common_random_numbers=True))
     assert config.sampling_params(seed=1).common_random_numbers
     assert not config.sampling_params(seed=1, greedy=True).common_random_numbers
+
+
+def test_memory_plan_counts_the_anchor_copy(model_dir):
+    """Anchored decay keeps θ₀ in fp32: 4 bytes per perturbed element on top of the optimizer's own state."""
+    from fastes.es.memory_plan import training_reserve
+    from fastes.models.config import ModelConfig
+
+    mc = ModelConfig.from_pretrained(model_dir)
+    for name, slots in (("sgd", 0), ("adam", 2)):
+        plain = training_reserve(make_config(model_dir, optim=dict(name=name, weight_decay=1.0)), mc, torch.float32)
+        anchored = training_reserve(make_config(model_dir, optim=dict(name=name, weight_decay=1.0, decay_to="start")),
+                                    mc, torch.float32)
+        assert plain["optimizer"] == 4 * slots * plain["perturbed_numel"]
+        assert anchored["optimizer"] == 4 * (slots + 1) * plain["perturbed_numel"]

@@ -58,10 +58,11 @@ def training_reserve(config: TrainConfig, model_config: Any, dtype: torch.dtype)
             lora_names.update({name_a: base, name_b: base})
     perturbed = perturbed_names(shapes, AskTell.population_of(config, 0), lora_names)
     n_pert = sum(numel[n] for n in perturbed)
+    anchored = int(config.optim.decay_to == "start" and config.optim.weight_decay > 0)  # θ₀ copy, fp32
     largest = max((numel[n] for n in perturbed), default=0)
     return {
         "adapters": sum(numel[n] for n in lora_names) * esize,
-        "optimizer": 4 * OPTIM_SLOTS[config.optim.name] * n_pert,
+        "optimizer": 4 * (OPTIM_SLOTS[config.optim.name] + anchored) * n_pert,
         "workspace": 4 * WORKSPACE_TENSORS[config.optim.name] * largest,
         "perturbed_numel": n_pert,
         "perturbed_tensors": len(perturbed),
