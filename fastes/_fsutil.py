@@ -33,8 +33,21 @@ def fsync_tree(path: Path, ignore_errors: bool = False) -> None:
     fsync_dir(path, ignore_errors)
 
 
-def chmod_like_mkdir(path: Path) -> None:
-    """Give a directory made by ``tempfile.mkdtemp`` (0700) the mode ``mkdir`` would: 0777 minus the umask."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
+    return mask
+
+
+def chmod_like_mkdir(path: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (0700) the mode ``mkdir`` would: 0777 minus the umask."""
+    os.chmod(path, 0o777 & ~_umask())
+
+
+def chmod_files_like_open(path: Path) -> None:
+    """Give every file directly in ``path`` the mode ``open`` would: 0666 minus the umask (safetensors writes
+    0600, through a temporary file)."""
+    mode = 0o666 & ~_umask()
+    for file in path.iterdir():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)

@@ -161,3 +161,80 @@ def test_tokenizer_larger_than_the_vocab_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"has \d+ tokens but the model's config.json says vocab_size 32") as err:
         Engine.from_pretrained(model_dir, kv_cache_tokens=256)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------- non-finite weights, and what saving may touch
+
+
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path):
+    path = _write(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, str(path / "model.safetensors"))
+    _fails(path, "up_proj.weight.*NaN or inf")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = 1e6  # finite in fp32, inf in fp16
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="overflows float16"):
+        load_model(path, dtype=torch.float16)
+
+
+def _saved_model(tmp_path: Path):
+    return load_model(_write(tmp_path / "src"))
+
+
+def test_save_pretrained_never_deletes_what_fastes_did_not_write(tmp_path, monkeypatch):
+    from fastes.models import save_pretrained
+    from fastes.models.loader import EXPORT_MARKER
+
+    model = _saved_model(tmp_path)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not write") as info:
+        save_pretrained(model, user)
+    assert "\n" not in str(info.value) and (user / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        save_pretrained(model, file)
+    assert file.read_text() == "x"
+    monkeypatch.chdir(user)
+    with pytest.raises(ValueError, match="working directory"):
+        save_pretrained(model, ".")
+    assert (user / "notes.txt").read_text() == "mine"
+    # an empty directory, then a previous export: both are written, atomically
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_pretrained(model, empty)
+    assert (empty / EXPORT_MARKER).is_file() and (empty / "model.safetensors").is_file()
+    save_pretrained(model, empty)
+    assert torch.equal(load_model(empty).params["lm_head.weight"], model.params["lm_head.weight"])
+
+
+def test_save_pretrained_cleans_leftovers_uses_umask_modes_and_refuses_nan(tmp_path):
+    import os
+    import stat
+
+    from fastes.models import save_pretrained
+
+    model = _saved_model(tmp_path)
+    leftovers = [tmp_path / ".out.tmp-abcd1234", tmp_path / ".out.old-zz_y9xw8"]
+    for d in leftovers:
+        (d / "d").mkdir(parents=True)
+    keep = tmp_path / ".out.tmp-mine"  # not a name save_pretrained makes
+    keep.mkdir()
+    old = os.umask(0o022)
+    try:
+        out = save_pretrained(model, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert not any(d.exists() for d in leftovers) and keep.is_dir()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
+    model.params["lm_head.weight"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_pretrained(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

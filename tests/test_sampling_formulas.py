@@ -43,9 +43,10 @@ def test_top_k(top_k):
 
 
 @pytest.mark.parametrize("edge", [0.5, 0.75, 0.875])  # the sorted cumulative masses 0.5, 0.75, 0.875, 0.9375
-@pytest.mark.parametrize("side", [-1e-4, 1e-4])
+@pytest.mark.parametrize("side", [-1e-4, 0.0, 1e-4])
 def test_top_p_at_its_boundaries(edge, side):
-    """Just below a cumulative mass the next token is out; just above, it is in."""
+    """At or just below a cumulative mass the next token is out; just above, it is in (the masses are exact
+    in binary, and so are the softmax outputs here)."""
     p = edge + side
     torch.testing.assert_close(run(top_p=p), expected(PROBS, top_p=p), atol=1e-6, rtol=0)
     kept = int((run(top_p=p) > 0).sum())

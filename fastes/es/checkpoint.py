@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastes._fsutil import fsync_dir, fsync_tree
+from fastes._fsutil import chmod_files_like_open, fsync_dir, fsync_tree
 from fastes.models import save_pretrained
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ def save_checkpoint(
             "optimizer": OPTIM_FILE if optimizer_tensors else None,
             "adapters": ADAPTER_FILE if engine.model.lora else None,
         }
+        chmod_files_like_open(target)
         _write_json(target / STATE_FILE, state)  # last: its presence marks a complete directory
         fsync_tree(target, ignore_errors=True)
         if final.exists():  # only when a step is saved twice: move the old one into staging, then swap

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fastes._fsutil import chmod_like_mkdir, fsync_dir, fsync_tree
+from fastes._fsutil import chmod_files_like_open, chmod_like_mkdir, fsync_dir, fsync_tree
 from fastes.models.config import ModelConfig, read_config_json
 from fastes.models.decoder import CausalLM
 
@@ -181,6 +181,7 @@ def save_pretrained(model: CausalLM, out_dir: str | Path, max_shard_bytes: int |
                     shutil.copyfile(source / fname, tmp / fname)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "fastes-export", "version": 1}) + "\n",
                                          encoding="utf-8")
+        chmod_files_like_open(tmp)
         fsync_tree(tmp)
         chmod_like_mkdir(tmp)  # mkdtemp made it 0700
         old = None
