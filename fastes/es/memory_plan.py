@@ -166,4 +166,5 @@ def plan_memory(config: TrainConfig, gpu_memory: tuple[int, int] | None = None) 
     return lines
 
 
-__all__ = ["load_engine", "plan_memory", "training_reserve", "reserve_bytes", "kv_tokens_after_reserve", "GPU_MEMORY_UTILIZATION"]
+__all__ = ["load_engine", "plan_memory", "training_reserve", "reserve_bytes", "kv_tokens_after_reserve",
+           "GPU_MEMORY_UTILIZATION"]
