@@ -21,6 +21,8 @@ import torch
 from fastes.engine.batch_state import BatchState
 from fastes.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from fastes.engine.kv_cache import KVCache
+from fastes.engine.logprobs import append_logprobs
+from fastes.engine.penalties import LogitsProcessor
 from fastes.engine.sampling import SamplingParams, sample
 from fastes.engine.scheduler import StepPlan
 from fastes.models import CausalLM, Perturbation
@@ -88,15 +90,22 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
 
     def run(self, plan: StepPlan, state: BatchState, pert: Perturbation | None, params: SamplingParams,
-            seed: int) -> list[int]:
-        """Forward the plan's rows and sample one token per ``plan.samplers`` entry."""
+            seed: int, processor: LogitsProcessor | None = None) -> list[int]:
+        """Forward the plan's rows and sample one token per ``plan.samplers`` entry (``processor``: penalties
+        and min_tokens, fastes.engine.penalties; logprobs are of the raw logits, fastes.engine.logprobs)."""
         self.kv_cache.copy_blocks(plan.copies)
         logits = self.forward(plan, state, pert)
         if not plan.samplers:
             return []
         if plan.forks:
             logits = logits.index_select(0, torch.tensor(plan.logit_rows, dtype=torch.long, device=logits.device))
-        return self.sample(logits, plan, state, params, seed).tolist()
+        raw = logits
+        if processor is not None:
+            logits = processor(logits, plan.samplers)
+        tokens = self.sample(logits, plan, state, params, seed)
+        if params.logprobs is not None:
+            append_logprobs(plan.samplers, raw, tokens, params.logprobs)
+        return tokens.tolist()
 
     def forward(self, plan: StepPlan, state: BatchState, pert: Perturbation | None) -> torch.Tensor:
         """fp32 logits, one row per sequence of ``plan.seqs`` that samples, in that order."""

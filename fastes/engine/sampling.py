@@ -46,6 +46,12 @@ class SamplingParams:
     seed: int | None = None
     include_stop_str_in_output: bool = False
     common_random_numbers: bool = False  # every member draws from the unperturbed row's stream (ES fitness CRN)
+    n: int = 1  # samples per prompt (Engine.generate's samples_per_prompt)
+    logprobs: int | None = None  # k: the top-k raw log-probabilities (and the sampled token's) per generated token
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of prompt + output (fastes.engine.penalties)
+    presence_penalty: float = 0.0  # subtracted from the logits of tokens the output holds
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    min_tokens: int = 0  # EOS, stop ids and stop strings are not honoured before this many tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +77,23 @@ class SamplingParams:
             raise ValueError("ignore_eos, include_stop_str_in_output and common_random_numbers must be booleans")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+        self._check_vllm_extras()
+
+    def _check_vllm_extras(self) -> None:
+        """n, logprobs, penalties and min_tokens, with vLLM's ranges."""
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise ValueError(f"n must be an integer in [1, {MAX_SAMPLES}], got {self.n!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from fastes.engine.logprobs import TokenLogprobs
 from fastes.engine.sampling import SamplingParams
 
 
@@ -16,11 +17,14 @@ class Status(enum.Enum):
 
 @dataclass(frozen=True)
 class Completion:
-    """What one sequence generated: token ids, text, and why it stopped (stop | length)."""
+    """What one sequence generated: token ids, text, and why it stopped (stop | length); with
+    ``SamplingParams(logprobs=k)`` also one {token id: Logprob} per token and their sum (fastes.engine.logprobs)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass(eq=False)  # identity: two rollouts are never "equal", and list.remove stays a pointer scan
@@ -55,6 +59,7 @@ class Sequence:
     scheduled: int = 0  # tokens the current step computes, from num_computed on
     last_step: int = -1  # the scheduler step that last scheduled it
     detok: object | None = None  # incremental detokenizer state while stop strings are checked
+    logprobs: list[TokenLogprobs] | None = None  # one entry per output token with SamplingParams.logprobs
 
     @property
     def output_ids(self) -> list[int]:

@@ -30,6 +30,7 @@ class _Detok:
     text: str = ""
     prefix: int = 0
     read: int = 0
+    floor: int = 0  # text length at min_tokens output tokens: a stop string must end after it (vLLM)
 
 
 class StopChecker:
@@ -46,6 +47,7 @@ class StopChecker:
         self.window = max((len(s) for s in self.stops), default=0)
         self.tokenizer = tokenizer
         self.max_tokens = params.max_tokens
+        self.min_tokens = params.min_tokens
         self.max_positions = max_positions
 
     def __call__(self, seq: Sequence, token: int) -> str | None:
@@ -73,16 +75,19 @@ class StopChecker:
         start = max(0, len(state.text) - self.window + 1)
         if not window.endswith(REPLACEMENT):  # complete characters: commit, the next window starts here
             state.text, state.prefix, state.read = text, state.read, len(tokens) - first
-        # an incomplete character is searched too (the whole-output decode would show it as U+FFFD)
-        tail = text[start:]
-        if not any(s in tail for s in self.stops):
+        if len(tokens) - first <= self.min_tokens:  # as vLLM: stop strings count once the output is longer
+            state.floor = len(text)
             return False
-        seq.text = self.cut(decode(tokens[first:]))
+        # an incomplete character is searched too (the whole-output decode would show it as U+FFFD)
+        if not any(text.find(s, max(start, state.floor - len(s) + 1)) >= 0 for s in self.stops):
+            return False
+        seq.text = self.cut(decode(tokens[first:]), state.floor)
         return True
 
-    def cut(self, text: str) -> str:
-        """``text`` up to its first stop string (included when include_stop_str_in_output)."""
-        hits = [(text.find(s), s) for s in self.stops if s in text]
+    def cut(self, text: str, floor: int = 0) -> str:
+        """``text`` up to its first stop string ending after ``floor`` (included when include_stop_str_in_output)."""
+        hits = [(text.find(s, max(0, floor - len(s) + 1)), s) for s in self.stops]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:
             return text
         pos, stop = min(hits)
