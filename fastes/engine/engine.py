@@ -26,7 +26,9 @@ from fastes.engine.config import CPU_KV_TOKENS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_
 from fastes.engine.cpu_heap import release_cpu_heap
 from fastes.engine.cuda_graphs import DecodeGraphs
 from fastes.engine.kv_cache import KVCache, profile_num_blocks
+from fastes.engine.logprobs import cumulative_logprob
 from fastes.engine.model_runner import ModelRunner
+from fastes.engine.penalties import LogitsProcessor
 from fastes.engine.progress import Progress
 from fastes.engine.request import generation_config_eos, member_prompt_indices, token_ids
 from fastes.engine.sampling import MAX_SAMPLES, SamplingParams, prompt_keys
@@ -154,7 +156,7 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Seq[str] | Seq[Seq[int]], sampling: SamplingParams | None = None,
-                 population: Population | None = None, step: int = 0, samples_per_prompt: int = 1,
+                 population: Population | None = None, step: int = 0, samples_per_prompt: int | None = None,
                  use_chat_template: bool = False, progress: bool = False,
                  members: Seq[int] | None = None, member_prompts: Seq[Seq[int]] | None = None) -> Outputs:
         """outs[member][prompt][sample] -> Completion; population None runs the unperturbed model (one member).
@@ -169,6 +171,10 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if samples_per_prompt is None:  # vLLM's n; both given and different is an error
+            samples_per_prompt = sampling.n
+        elif sampling.n != 1 and samples_per_prompt != sampling.n:
+            raise ValueError(f"samples_per_prompt={samples_per_prompt!r} contradicts sampling.n={sampling.n}")
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
                 or not 1 <= samples_per_prompt <= MAX_SAMPLES:
             raise ValueError(f"samples_per_prompt must be an integer in [1, {MAX_SAMPLES}], got {samples_per_prompt!r}")
@@ -220,7 +226,8 @@ class Engine:
         outs: Outputs = [[[None] * samples_per_prompt for _ in indices] for indices in chosen]  # type: ignore[misc]
         for seq in results:
             outs[slots[seq.member]][seq.prompt_index][seq.sample_index] = Completion(
-                token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length")
+                token_ids=seq.output_ids, text=seq.text or "", finish_reason=seq.finish_reason or "length",
+                logprobs=seq.logprobs, cumulative_logprob=cumulative_logprob(seq.logprobs, seq.output_ids))
         return outs
 
     def _run(self, seqs: list[Sequence], pert: Perturbation | None, params: SamplingParams, seed: int,
@@ -233,6 +240,7 @@ class Engine:
             graphs.begin(pert)
             replays = graphs.num_replays
         stop = StopChecker(params, self.eos_token_ids, self.tokenizer, self.model.config.max_position_embeddings)
+        processor = LogitsProcessor.for_params(params, stop.stop_ids, self.model.config.vocab_size)
         scheduler = Scheduler(self.manager, self.max_num_seqs, self.max_num_batched_tokens, self.batch_state, stop)
         for seq in seqs:
             scheduler.add(seq)
@@ -240,7 +248,7 @@ class Engine:
         steps, tokens = 0, 0
         while not scheduler.done:
             plan = scheduler.schedule()
-            sampled = self.runner.run(plan, self.batch_state, pert, params, seed)
+            sampled = self.runner.run(plan, self.batch_state, pert, params, seed, processor)
             done = scheduler.postprocess(plan, sampled)
             finished += done
             steps += 1
