@@ -180,8 +180,15 @@ def test_generate_on_a_checkpoint_reads_only_tensors_and_json(config_file, tmp_p
     state = json.loads((last / ckpt.STATE_FILE).read_text())
     state["config"]["task"] = f"{evil}:make"
     (last / ckpt.STATE_FILE).write_text(json.dumps(state))
+    capsys.readouterr()
     assert cli.main(["generate", "--model", str(last), "--prompt", "12+", "--max-tokens", "3"]) == 0
     assert not evil.with_suffix(".ran").exists()
+    # a tokenizer config that asks for custom code (auto_map) gets a one-line refusal, not an import
+    tok = json.loads((last / "tokenizer_config.json").read_text())
+    (last / "tokenizer_config.json").write_text(json.dumps({**tok, "auto_map": {"AutoTokenizer": ["evil.Tok", None]}}))
+    code = cli.main(["generate", "--model", str(last), "--prompt", "12+", "--max-tokens", "3"])
+    assert code in (0, 2) and not evil.with_suffix(".ran").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == (code == 2)
 
 
 # ---------------------------------------------------------------------- bad input: one line, exit 2

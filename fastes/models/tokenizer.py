@@ -41,7 +41,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as err:  # noqa: BLE001 - any loader failure is a bad directory
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"cannot load the tokenizer in {str(path)!r}: {message}") from None
