@@ -205,9 +205,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         trainer = Trainer(config)  # loads and validates everything before the run directory is created
         result = trainer.train()
-    except PluginFailure as err:  # not bad input: the user's code broke at run time
-        print(f"fastes: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        if config.distributed and os.environ.get("WORLD_SIZE", "1") != "1":
+    except PluginFailure as err:  # not bad input: the user's code broke at run time (every rank sees it)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastes: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            sys.stdout.flush()
             os._exit(1)  # as below: skip the teardown of a process group
         return 1
     except DistributedError as err:  # a peer died or hung: not bad input, and the last checkpoint is intact

@@ -107,8 +107,8 @@ def first_fitness_error(fn: Any, rollouts: list[dict[str, Any]], timeout_s: floa
 class FailureStreak:
     """Counts consecutive steps whose plug-ins failed on every rollout; raises PluginFailure at ``limit``."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = int(limit)
+    def __init__(self, limit: int, quiet: bool = False) -> None:
+        self.limit, self.quiet = int(limit), quiet  # quiet: ranks other than 0 of a distributed run
         self.count = 0
         self.first: tuple[int, str, str] | None = None  # (step, plug-in, error) of the streak's first step
 
@@ -124,8 +124,9 @@ class FailureStreak:
         if self.count >= self.limit:
             raise PluginFailure(f"{name!r} failed on every rollout for {self.count} consecutive steps "
                                 f"(from step {self.first[0]}): {error}")
-        warn(f"step {step}: {name!r} failed on every rollout ({error}); the step is skipped "
-             f"({self.count}/{self.limit} before the run stops)")
+        if not self.quiet:
+            warn(f"step {step}: {name!r} failed on every rollout ({error}); the step is skipped "
+                 f"({self.count}/{self.limit} before the run stops)")
 
 
 def all_rollouts_failed(stats: dict[str, float], rollouts: int, members: int) -> tuple[bool, bool]:

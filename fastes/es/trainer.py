@@ -94,7 +94,7 @@ class Trainer:
         self.es = AskTell(self.engine, config, noise_scales=scales)
         if self.state:
             self._restore()
-        self.failures = FailureStreak(config.max_failed_steps)
+        self.failures = FailureStreak(config.max_failed_steps, quiet=not self.is_main)
         self.eval_history: dict[int, float] = {int(k): float(v) for k, v in
                                                ((self.state or {}).get("eval_history") or {}).items()}
 
