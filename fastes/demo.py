@@ -1,45 +1,43 @@
-"""`make demo`: show fastes doing its job on this machine, no GPU and no download needed.
+"""What the demo model answers before and after ES, from the run's own evaluation outputs.
 
-Until the bundled ES demo model lands, this runs the population machinery end to
-end on a tiny layer: regenerate noise from counters, evaluate a population of
-perturbed linears in one batch, and apply the ES update from seeds alone.
+`fastes train` with the bundled demo config prints this at the end (after the before/after accuracy),
+so a new user sees the change on concrete problems, not just a number. It reads the held-out
+completions the trainer already wrote (``<run>/evals/<set>/step-N.jsonl``, evaluation.save_outputs):
+nothing is generated again.
 """
 
 from __future__ import annotations
 
-import time
-
-import torch
-
-import fastes
-from fastes.noise import NoiseSpec
-from fastes.ops.es_update import es_update
-from fastes.ops.perturbed_linear import perturbed_linear
+import json
+from pathlib import Path
 
 
-def main() -> None:
-    print(f"fastes {fastes.__version__}; backends: {fastes.backends()}")
-    gen = torch.Generator().manual_seed(0)
-    out_f, in_f, members, rows = 64, 96, 8, 4
-    target = torch.randn(out_f, in_f, generator=gen)
-    weight = torch.zeros(out_f, in_f)
-    x = torch.randn(members * rows, in_f, generator=gen)
-    row_member = torch.arange(members).repeat_interleave(rows)
-    sigma, lr = 0.05, 0.2
-    print("ES on a linear regression toward a random target (population 8, lowrank rank 4):")
-    start = time.perf_counter()
-    for step in range(60):
-        spec = NoiseSpec(seed=1234, step=step, antithetic=True)
-        y = perturbed_linear(x, weight, None, row_member, spec, sigma, 1.0, "lowrank", 4, "demo.weight")
-        err = ((y - x @ target.T) ** 2).reshape(members, rows, out_f).mean(dim=(1, 2))
-        fitness = -err
-        z = (fitness - fitness.mean()) / (fitness.std() + 1e-12)
-        es_update(weight, spec, z / (members * sigma), lr * sigma, 1.0, "lowrank", 4, "demo.weight")
-        if step % 10 == 0 or step == 59:
-            loss = ((x @ weight.T - x @ target.T) ** 2).mean().item()
-            print(f"  step {step:3d}  loss {loss:8.4f}")
-    print(f"done in {time.perf_counter() - start:.2f}s")
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-if __name__ == "__main__":
-    main()
+def answers_table(run_dir: str | Path, count: int = 6, eval_set: str = "eval") -> str:
+    """A few held-out problems with the first and the last evaluation's answers; '' when none were saved.
+
+    Problems the run changed (fixed or broke) come first, so the lines show what ES did.
+    """
+    folder = Path(run_dir) / "evals" / eval_set
+    files = sorted(folder.glob("step-*.jsonl"))
+    if len(files) < 2:
+        return ""
+    first, last = _read(files[0]), _read(files[-1])
+    before = {r["index"]: r for r in first if r.get("sample", 0) == 0}
+    rows = [(before[r["index"]], r) for r in last if r.get("sample", 0) == 0 and r["index"] in before]
+    rows.sort(key=lambda pair: (pair[0]["correct"] == pair[1]["correct"], pair[0]["index"]))
+    step_a, step_b = first[0]["step"] if first else 0, last[0]["step"] if last else 0
+
+    def mark(r: dict) -> str:
+        return f"{r['completion'].strip() or '(empty)'} {'✓' if r['correct'] else '✗'}"
+
+    lines = [f"{'problem':<12} {'answer':>7}  {'step ' + str(step_a):<10} {'step ' + str(step_b):<10}"]
+    for a, b in rows[:count]:
+        lines.append(f"{a['prompt']:<12} {a.get('answer', ''):>7}  {mark(a):<10} {mark(b):<10}")
+    return "\n".join(lines)
+
+
+__all__ = ["answers_table"]

@@ -49,3 +49,22 @@ def test_demo_config_runs_two_steps(tmp_path):
     assert (out / "config.yaml").is_file() and (out / "curves.png").is_file()
     checkpoint = out / "checkpoints" / "step-2"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def test_answers_table_puts_the_problems_es_changed_first(tmp_path):
+    """Before/after answers come from the run's saved evaluations: fixed and broken problems lead."""
+    from fastes.demo import answers_table
+
+    folder = tmp_path / "evals" / "eval"
+    folder.mkdir(parents=True)
+    rows = {0: [("1+1=", "2", "2", True), ("2+2=", "4", "5", False), ("3+3=", "6", "6", True)],
+            40: [("1+1=", "2", "2", True), ("2+2=", "4", "4", True), ("3+3=", "6", "7", False)]}
+    for step, problems in rows.items():
+        lines = [json.dumps({"step": step, "index": i, "sample": 0, "prompt": p, "answer": a, "completion": c,
+                             "correct": ok}) for i, (p, a, c, ok) in enumerate(problems)]
+        (folder / f"step-{step:06d}.jsonl").write_text("\n".join(lines) + "\n")
+    table = answers_table(tmp_path, count=2).splitlines()
+    assert "step 0" in table[0] and "step 40" in table[0]
+    assert table[1].split()[:4] == ["2+2=", "4", "5", "✗"] and table[1].split()[4:] == ["4", "✓"]
+    assert table[2].split()[0] == "3+3=" and len(table) == 3
+    assert answers_table(tmp_path / "nothing") == ""
