@@ -86,9 +86,10 @@ def test_lowrank_generates_members_times_in_plus_out_times_rank(antithetic, rank
 
 
 @pytest.mark.parametrize("antithetic", [False, True])
-def test_lora_generates_each_adapter_noise_once_per_noise_index(antithetic):
-    """Rank 16 (no padding of the adapter tiles): E_A (r × in) in the shrink, E_B (out × r) in the expand."""
-    rank = 16
+@pytest.mark.parametrize("rank", [16, 4])
+def test_lora_generates_each_adapter_noise_once_per_noise_index(antithetic, rank):
+    """E_A (r × in) in the shrink, E_B (out × r) in the expand; at rank 4 only the rank's 4 rows, not the
+    16 the tensor-core dot is padded to."""
     for members, per in ((4, 4), (2, 16)):
         rm = _rows(members, per)
         x = torch.randn(members * per, IN)

@@ -13,12 +13,14 @@ Cost at a decode step, T = 512 rows (N = 32 × 16), in = out = 1536, r = 8, bf16
   Before: grid = T/64 = 8 programs on 132 SMs, each a serial loop over in and over its members
   (predicted 30-60 µs per call). Now split over in as well: 8 × 16 = 128 programs (sm_90:
   168 registers, 3 CTAs/SM Gaussian r = 8), each ~96 columns of in: predicted ≈ the 1.6 MB read,
-  ~1-2 µs. Partials: S·T·r·4 B = 0.26 MB, read back by the expand.
+  ~1-2 µs (168 -> 196 registers after the rank-only noise below; 128 programs fit one wave at 2 CTAs/SM).
+  Partials: S·T·r·4 B = 0.26 MB, read back by the expand.
 * expand: reads and writes y in place (3.2 MB) ≈ 1 µs; sm_90: 115 registers, 4 CTAs/SM (before 121,
   and 146 for Rademacher, now 112).
-* noise per launch (tests/test_work_counts.py): (noise indices present)·r_pad·(in + out) when each
-  index's rows sit in one row tile (r_pad = max(16, r)); before, N·r_pad·(in + out) with every
-  member of an antithetic pair generating the same tiles. Rank < 16 still generates padding rows.
+* noise per launch (tests/test_work_counts.py): (noise indices present)·r'·(in + out) when each
+  index's rows sit in one row tile (r' = r to a power of two; the tile is widened with zeros to the
+  16 that tl.dot needs); before, N·16·(in + out) at r = 8, every member of an antithetic pair
+  generating the same tiles and the padding rows generated too.
 """
 
 from __future__ import annotations
@@ -54,13 +56,22 @@ if triton is not None:
             c = 0.0 * key.to(tl.float32)
         return key, c, tl.min(tl.where(key >= 0, key, NO_KEY), axis=0)
 
+    @triton.jit
+    def _pad_last(e, PAD_STEPS: tl.constexpr):
+        """[R, C] → [R, C·2**PAD_STEPS], the new columns zero: noise generated for the rank's columns only, then
+        widened to the ≥ 16 that tl.dot needs (the padding used to be generated too)."""
+        for _ in tl.static_range(PAD_STEPS):
+            e = tl.reshape(tl.permute(tl.join(e, tl.zeros_like(e)), (0, 2, 1)), (e.shape[0], 2 * e.shape[1]))
+        return e
+
     @triton.jit(do_not_specialize=["num_rows", "k_split", "sigma", "k0", "k1", "tid", "step"])
     def _shrink_kernel(h_ptr, x_ptr, a_ptr, member_ptr, num_rows, in_f, rank, k_split, sigma, k0, k1, tid, step,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PAD_STEPS: tl.constexpr,
                        HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
                        KIND: tl.constexpr, BLOCKED: tl.constexpr, PREC: tl.constexpr):
         """Partial H_s[rows] = x[rows, K_s] A_m[:, K_s]ᵀ, fp32 [S, T, r], K_s = [s·k_split, (s+1)·k_split):
         x Aᵀ for every row at once, plus per noise index present σ·sign·x E_Aᵀ (stream element j·in + k)."""
+        R_GEN: tl.constexpr = R_PAD >> PAD_STEPS  # noise columns generated: the rank, to a power of two
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
         rmask = rows < num_rows
@@ -87,9 +98,10 @@ if triton is not None:
                     kk = kb + tl.arange(0, BLOCK_K)
                     x = tl.load(x_ptr + rows64[:, None] * in_f + kk[None, :],
                                 mask=sel[:, None] & (kk < k_end)[None, :], other=0.0).to(tl.float32)
-                    e_row = jj[:, None].to(tl.int64) * in_f + kb
-                    e = philox.noise_rows(e_row, BLOCK_K, k0, k1, tid, cur, step, KIND, BLOCKED)
-                    acc += tl.dot(x * c[:, None], tl.trans(e), input_precision=PREC)
+                    e_row = tl.arange(0, R_GEN)[:, None].to(tl.int64) * in_f + kb  # the rank's rows only
+                    e = philox.noise_rows(e_row, BLOCK_K, k0, k1, tid, cur, step, KIND, BLOCKED)  # [R_GEN, BK]
+                    et = _pad_last(tl.trans(e), PAD_STEPS)  # [BK, R_PAD]
+                    acc += tl.dot(x * c[:, None], et, input_precision=PREC)
                 cur = tl.min(tl.where(key > cur, key, NO_KEY), axis=0)
         h_split = h_ptr + split.to(tl.int64) * num_rows * rank
         tl.store(h_split + rows64[:, None] * rank + jj[None, :], acc, mask=rmask[:, None] & jmask[None, :])
@@ -97,10 +109,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_rows", "splits", "sigma", "scaling", "k0", "k1", "tid", "step"])
     def _expand_kernel(out_ptr, base_ptr, h_ptr, b_ptr, member_ptr, num_rows, out_f, rank, splits, sigma, scaling,
                        k0, k1, tid, step, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                       HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
+                       PAD_STEPS: tl.constexpr, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
                        KIND: tl.constexpr, BLOCKED: tl.constexpr, PREC: tl.constexpr):
         """out = base + scaling · H B_mᵀ, H = Σ_s H_s (fixed order); B_m = B + σ·sign·E_B (element n·r + j):
         H Bᵀ for every row at once, plus per noise index present σ·sign·H E_Bᵀ."""
+        R_GEN: tl.constexpr = R_PAD >> PAD_STEPS  # noise columns generated: the rank, to a power of two
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < num_rows
         rows64 = rows.to(tl.int64)
@@ -120,7 +133,7 @@ if triton is not None:
             hc = h * c[:, None]
             while cur < NO_KEY:  # padded columns get finite noise that meets zero columns of h
                 e_row = cols[:, None].to(tl.int64) * rank
-                e = philox.noise_rows(e_row, R_PAD, k0, k1, tid, cur, step, KIND, BLOCKED)
+                e = _pad_last(philox.noise_rows(e_row, R_GEN, k0, k1, tid, cur, step, KIND, BLOCKED), PAD_STEPS)
                 acc += tl.dot(tl.where((key == cur)[:, None], hc, 0.0), tl.trans(e), input_precision=PREC)
                 cur = tl.min(tl.where(key > cur, key, NO_KEY), axis=0)
         offs = rows64[:, None] * out_f + cols[None, :]
@@ -158,6 +171,11 @@ def _noise_launch_args(noise: NoiseSpec | None, row_member: torch.Tensor | None,
     const = dict(HAS_NOISE=has_noise, ANTITHETIC=has_noise and noise.antithetic,
                  KIND=KIND_INT[kind], num_warps=4)
     return has_noise, members, scalars, const
+
+
+def _pad_steps(r_pad: int, rank: int) -> int:
+    """Doublings from the generated noise width (the rank, to a power of two) to the dot's r_pad."""
+    return (r_pad // triton.next_power_of_2(rank)).bit_length() - 1
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -200,7 +218,7 @@ def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, row_member: torc
     per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
     _shrink_kernel[(triton.cdiv(num_rows, block_m), splits)](
         parts, x.contiguous(), lora_a.contiguous(), members, num_rows, in_f, rank, k_split, float(sigma),
-        k0, k1, tid, step, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
+        k0, k1, tid, step, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, PAD_STEPS=_pad_steps(r_pad, rank),
         BLOCKED=in_f % per == 0 and block_k % per == 0, PREC=_precision(x.dtype), **const,
     )
     return parts
@@ -237,6 +255,7 @@ def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
     _expand_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(out_f, block_n))](
         out, base, parts.contiguous(), lora_b.contiguous(), members, num_rows, out_f, rank, parts.shape[0],
         float(sigma), float(scaling), k0, k1, tid, step, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
+        PAD_STEPS=_pad_steps(r_pad, rank),
         BLOCKED=rank % per == 0, PREC=_precision(base.dtype), **const,
     )
     return out
