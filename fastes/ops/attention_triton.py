@@ -23,6 +23,12 @@ Count for a decode step of Qwen2.5-1.5B (28 layers, 12 q / 2 kv heads, D 128, bf
             → 0.06–0.15 ms at ~800 TFLOP/s.
   ~6 FLOP per byte: decode attention is bandwidth-bound, and at this shape it moves 2.5× the bytes of the
   weights (3 GB, 0.9 ms). Target (DESIGN §7): ≤ 1.5× the 2.28 ms floor. bench/attention.py measures it.
+fp32 prefill ("ieee" dots on the CUDA cores, the CPU-parity path): per key tile 4·BLOCK_M·BLOCK_N·D FLOPs
+as FMAs, K/V tiles read once per (query tile, kv head). At D = 128 a 64 × 32 tile kept whole rows of q and
+k per thread for q·kᵀ: 255 registers and 788 B spilled per thread on sm_90. Now 32 × 32 tiles, q·kᵀ summed
+over 32-wide head_dim chunks (q re-read from L1 per key tile: 16 KB per tile, L1-resident): 168 registers,
+no spills, twice the query tiles (K/V read twice as often: +2·ctx·D·4 B per 32 query rows); predicted
+faster than the spilling build, unmeasured.
 Block sizes and warps below are untuned guesses (no GPU was available when this was written).
 """
 
