@@ -52,9 +52,14 @@ def _parser() -> OneLineParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--samples", "--n", type=int, default=1, help="samples per prompt (vLLM's n)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    for name in ("repetition", "presence", "frequency"):
+        gen.add_argument(f"--{name}-penalty", type=float, default=1.0 if name == "repetition" else 0.0)
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many tokens")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+                     help="print each token's log-probability and the K most likely tokens")
     _engine_args(gen)
     bench = sub.add_parser("bench", help="run the benchmarks (python -m bench)", allow_abbrev=False)
     bench.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
@@ -267,7 +272,10 @@ def _generate(args: argparse.Namespace) -> int:
     from fastes.engine.sampling import SamplingParams
 
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+                              logprobs=args.logprobs)
     if args.samples < 1:
         raise BadInput(f"--samples must be >= 1, got {args.samples}")
     engine = _load_engine(args.model, args.dtype, args.device)
@@ -280,7 +288,22 @@ def _generate(args: argparse.Namespace) -> int:
                 print(completion.text)
             else:
                 print(f"--- prompt {p} sample {s}: {prompt!r} ({completion.finish_reason})\n{completion.text}")
+            if completion.logprobs is not None:
+                _print_logprobs(engine, completion, args.logprobs)
     return 0
+
+
+def _print_logprobs(engine: Any, completion: Any, k: int) -> None:
+    """One line per generated token: its log-probability and rank, then the k most likely tokens."""
+    def show(token: int) -> str:
+        return repr(engine.tokenizer.decode([token]))
+
+    for i, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank <= k)
+        top = ", ".join(f"{show(t)} {value:.4f}" for _, t, value in ranked)
+        mine = entry[token]
+        print(f"  [{i}] {show(token)} logprob {mine.logprob:.4f} rank {mine.rank}" + (f" | top: {top}" if top else ""))
+    print(f"  cumulative logprob {completion.cumulative_logprob:.4f}")
 
 
 def bench_dir() -> Path | None:

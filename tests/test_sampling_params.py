@@ -23,7 +23,7 @@ import pytest
 import torch
 from tiny_model import char_tokenizer, random_hf_model
 
-from fastes import Engine, SamplingParams
+from fastes import Engine, SamplingParams, cli
 from fastes.engine.sampling import prompt_keys, row_uniforms
 
 transformers = pytest.importorskip("transformers")
@@ -232,3 +232,43 @@ def test_logprobs_with_sibling_samples(tiny):
         for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
             logp = torch.log_softmax(_raw_logits(hf, PROMPTS[2] + c.token_ids[:i]), dim=-1)
             assert entry[token].logprob == pytest.approx(float(logp[token]), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- CLI and config
+
+
+def test_cli_generate_exposes_the_fields(tiny, capsys):
+    path, hf = tiny
+    text = "".join(CHARS[t] for t in PROMPTS[0])
+    base = ["generate", "--model", str(path), "--prompt", text, "--max-tokens", "8", "--device", "cpu",
+            "--dtype", "float32"]
+    assert cli.main(base + ["--repetition-penalty", "1.3", "--presence-penalty", "0.5", "--frequency-penalty",
+                            "0.4", "--logprobs", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    expected = _reference(hf, PROMPTS[0], 8, rep=1.3, pres=0.5, freq=0.4)
+    assert out[0] == "".join(CHARS[t] for t in expected)
+    lines = [line for line in out if line.startswith("  [")]
+    assert len(lines) == 8 and all("| top: " in line for line in lines) and out[-1].startswith("  cumulative")
+    assert cli.main(base + ["--n", "2", "--temperature", "1"]) == 0
+    assert capsys.readouterr().out.count("--- prompt 0 sample") == 2
+    for extra, key in ((["--repetition-penalty", "0"], "repetition_penalty"), (["--logprobs", "-1"], "logprobs"),
+                       (["--min-tokens", "9"], "min_tokens"), (["--presence-penalty", "3"], "presence_penalty")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+
+
+def test_config_sampling_section_reaches_rollouts_and_evaluation():
+    from fastes.es.config import TrainConfig
+    from fastes.es.evaluation import EvalSpec, sampling_for
+
+    policy = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=-0.2, min_tokens=3)
+    config = TrainConfig.from_dict({"model": "m", "task": "countdown", "sampling": dict(max_tokens=8, **policy)})
+    short = {**policy, "min_tokens": 2}
+    for params, want in ((config.sampling_params(seed=1), policy), (config.sampling_params(greedy=True), policy),
+                         (sampling_for(EvalSpec("e", max_tokens=2), config, 0), short)):
+        assert {k: getattr(params, k) for k in policy} == want
+    for bad, key in ((dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_tokens=9), "min_tokens"),
+                     (dict(frequency_penalty=5.0), "frequency_penalty")):
+        with pytest.raises(ValueError, match=f"sampling: {key}"):
+            TrainConfig.from_dict({"model": "m", "task": "countdown", "sampling": dict(max_tokens=8, **bad)})

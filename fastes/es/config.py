@@ -91,7 +91,8 @@ class OptimConfig:
 
 @dataclass
 class SamplingConfig:
-    """Training rollouts (evaluation is greedy with the same max_tokens and stop)."""
+    """Training rollouts (evaluation is greedy with the same max_tokens and stop); the penalties and min_tokens
+    (vLLM's, see fastes.engine.penalties) shape the policy itself, so evaluation applies them too."""
 
     max_tokens: int = 64
     temperature: float = 1.0
@@ -101,6 +102,15 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     common_random_numbers: bool = False  # every member of a step draws from the same sampling stream
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+
+    def policy(self) -> dict[str, Any]:
+        """The SamplingParams keywords that rollouts and evaluation share: penalties and min_tokens."""
+        return {"repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens}
 
 
 @dataclass
@@ -231,7 +241,8 @@ class TrainConfig:
                                                     "top_k": s.top_k, "min_p": s.min_p}
         if not greedy and s.common_random_numbers:
             shape["common_random_numbers"] = True
-        return SamplingParams(max_tokens=s.max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos, seed=seed, **shape)
+        return SamplingParams(max_tokens=s.max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos, seed=seed, **shape,
+                              **s.policy())
 
 
 # ---------------------------------------------------------------------- YAML and overrides

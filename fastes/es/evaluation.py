@@ -93,8 +93,10 @@ def sampling_for(spec: EvalSpec, config: Any, seed: int) -> Any:
     top_p = spec.top_p if spec.top_p is not None else s.top_p
     shape = {"temperature": 0.0} if temperature == 0 else {"temperature": temperature, "top_p": top_p,
                                                            "top_k": s.top_k, "min_p": s.min_p}
-    return SamplingParams(max_tokens=spec.max_tokens or s.max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos,
-                          seed=seed, **shape)
+    max_tokens = spec.max_tokens or s.max_tokens
+    policy = {**s.policy(), "min_tokens": min(s.min_tokens, max_tokens)}  # penalties: the trained policy's
+    return SamplingParams(max_tokens=max_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos, seed=seed, **shape,
+                          **policy)
 
 
 def _is_messages(prompt: Any) -> bool:
