@@ -260,6 +260,7 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     return [(p.returncode, err) for p, (_, err) in zip(procs, results, strict=True)]
 
 
+@pytest.mark.slow  # about 30 s each on 2 cores: two torchrun agents, c10d rendezvous
 def test_two_nodes_with_c10d_rendezvous_match_one_process(config_file, single, tmp_path):
     out = tmp_path / "run"
     results = finish(two_nodes(config_file, out))
@@ -267,6 +268,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(config_file, single, t
     assert_same_weights(single, out)
 
 
+@pytest.mark.slow  # about 30 s each on 2 cores: two torchrun agents, c10d rendezvous
 def test_a_killed_node_ends_the_other_with_one_line_and_the_run_resumes(config_file, single, tmp_path):
     out = tmp_path / "run"
     # whichever node holds rank 0 loses it (SIGKILL) after step 2; the other node must stop, not hang
