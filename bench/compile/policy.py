@@ -30,8 +30,9 @@ class Allowed:
 
 # Known spills at the time the gate was written (issue 15 findings; being fixed in fastes/ops).
 ALLOWED_SPILLS: tuple[Allowed, ...] = (
-    Allowed("_noise_fill_kernel", (("KIND", 1), ("ELEMENTWISE", True)), 32768,
-            "element-wise Rademacher fill (noise_at per value): ~11 KB stored per thread (issue 15)"),
+    Allowed("_noise_fill_kernel", (("KIND", 1),), 32768,
+            "Rademacher fill: ~8 KB stored per thread on Triton 3.6 (block path), ~11 KB element-wise on 3.9 "
+            "(issue 15)"),
     Allowed("_noise_fill_kernel", (("KIND", 0),), 16, "Gaussian fill: a few bytes around the Box-Muller call"),
     Allowed("_prefill_kernel", (("IEEE", True),), 4096,
             "fp32 prefill attention: the [BLOCK_M, head_dim] fp32 accumulator plus q tile exceed 255 registers"),
