@@ -36,6 +36,7 @@ def config_file(model_dir: Path, tmp_path: Path) -> Path:
 REWARDS = {
     "raises": ("def bad(completions, **kw):\n    raise KeyError('answer')\n", "raised KeyError"),
     "nan": ("def bad(completions, **kw):\n    return [float('nan')] * len(completions)\n", "returned nan"),
+    "nan-no-kwargs": ("def bad(completions):\n    return [float('nan')] * len(completions)\n", "returned nan"),
     "none": ("def bad(completions, **kw):\n    return [None] * len(completions)\n", "returned None"),
     "short": ("def bad(completions, **kw):\n    return [1.0, 2.0]\n", "returned 2 values"),
     "column": ("def bad(completions, answerr, **kw):\n    return [1.0] * len(completions)\n", "answerr"),

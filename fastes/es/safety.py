@@ -72,12 +72,12 @@ def _call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[Any, Ba
 def first_reward_error(rewards: Sequence[tuple[Any, float]], completion: str, prompt: Any,
                        columns: dict[str, Any], timeout_s: float = DIAGNOSE_TIMEOUT_S) -> tuple[str, str]:
     """(plug-in name, what it did wrong) for the first reward function that fails on one completion."""
-    from fastes.es.rewards import reward_name
+    from fastes.es.rewards import _accepted, reward_name
 
     one = {k: v[:1] if isinstance(v, (list, tuple)) else v for k, v in columns.items()}
-    for func, _ in rewards:
-        result, err, done = _call_with_timeout(
-            lambda f=func: f(completions=[completion], prompts=[prompt], **one), timeout_s)
+    kwargs = {**one, "completions": [completion], "prompts": [prompt]}
+    for func, _ in rewards:  # called as the trainer calls it: only the keywords a function without **kwargs names
+        result, err, done = _call_with_timeout(lambda f=func: f(**_accepted(f, kwargs)), timeout_s)
         name = reward_name(func)
         if not done:
             return name, f"did not return within {timeout_s:g}s"
