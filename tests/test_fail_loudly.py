@@ -141,3 +141,25 @@ def test_kv_tokens_after_reserve():
     assert kv_tokens_after_reserve(10_000, 100 * 5_000, 100, 16, 64) == 5_000 // 16 * 16
     with pytest.raises(ValueError, match="fewer than the 4096 one sequence needs"):
         kv_tokens_after_reserve(10_000, 100 * 9_000, 100, 16, 4096)
+
+
+def test_training_engine_on_cuda_gets_the_pool_left_after_the_reserve(model_dir, monkeypatch):
+    """The CUDA branch of load_engine on this CPU machine: profiling and the device are stand-ins, the
+    arithmetic and the Engine construction are real."""
+    import fastes.engine.kv_cache as kv_cache
+    import fastes.models as models
+    from fastes.es.config import TrainConfig
+    from fastes.es.memory_plan import load_engine, reserve_bytes, training_reserve
+
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, dtype, device: real_load(path, dtype=dtype))
+    monkeypatch.setattr(kv_cache, "profile_num_blocks", lambda model, tokens, block: 4096)  # 65,536 tokens
+    config = TrainConfig.from_dict({"model": str(model_dir), "task": DIGIT_TASK, "optim": {"name": "adam"},
+                                    "population": {"mode": "full", "perturb_lm_head": True}})
+    engine = load_engine(config, model_dir, "cuda", torch.float32)
+    per_token = 2 * engine.model.config.num_layers * engine.model.config.num_kv_heads * \
+        engine.model.config.head_dim * 4
+    reserve = reserve_bytes(training_reserve(config, engine.model.config, torch.float32))
+    assert reserve > 100 * per_token  # Adam's state is not negligible next to the pool here
+    want = (4096 * 16 - -(-reserve // per_token)) // 16 * 16
+    assert engine.manager.num_blocks * engine.block_size == want
