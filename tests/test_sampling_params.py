@@ -150,10 +150,15 @@ def test_penalties_sampled_match_reference_and_ignore_batching(tiny):
         for s in range(2):
             expected = _reference(hf, prompt, 8, temperature=0.9, seed=11, sample=s, **pen)
             assert together[0][p][s].token_ids == expected, f"prompt {p} sample {s}"
-    # a small KV pool (preemption and recompute), tiny chunks and one prompt at a time change nothing
+    # a small KV pool (preemption and recompute), tiny chunks, rows reused by later sequences (two at a time)
+    # and one prompt at a time change nothing
     small = _engine(path, kv_cache_tokens=24, max_num_batched_tokens=3)
-    alone = [small.generate([prompt], params)[0][0] for prompt in PROMPTS]
-    assert [[c.token_ids for c in p] for p in alone] == [[c.token_ids for c in p] for p in together[0]]
+    crowded = small.generate(PROMPTS, params)
+    assert small.last_stats["preemptions"] > 0
+    few_rows = _engine(path, max_num_seqs=2).generate(PROMPTS, params)
+    alone = [[small.generate([prompt], params)[0][0] for prompt in PROMPTS]]
+    for outs in (crowded, few_rows, alone):
+        assert [[c.token_ids for c in p] for p in outs[0]] == [[c.token_ids for c in p] for p in together[0]]
 
 
 # --------------------------------------------------------------------------- min_tokens
