@@ -37,13 +37,15 @@ def test_demo_model_matches_transformers_and_is_weak():
     assert 0.15 <= card["heldout_accuracy"] <= 0.45
 
 
-def test_demo_config_runs_two_steps(tmp_path):
+def test_demo_config_runs_two_steps(tmp_path, capsys):
     """`fastes train` with the demo config writes the run directory a user expects."""
     assert demo_config() is not None
     out = tmp_path / "run"
     code = main(["train", "--steps", "2", "--eval_every", "1", "--eval_size", "8", "--prompts_per_step", "4",
                  "--population.size", "4", "--save_every", "1", "--out", str(out), "--progress", "false"])
     assert code == 0
+    shown = capsys.readouterr().out
+    assert "held-out answers before and after ES" in shown and "step 0" in shown and "step 2" in shown
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in line for line in lines) and any("reward/mean" in line for line in lines)
     assert (out / "config.yaml").is_file() and (out / "curves.png").is_file()
