@@ -82,6 +82,17 @@ def test_a_failed_start_leaves_nothing_and_can_be_rerun(config_file, tmp_path, c
     assert ckpt.find_checkpoint(tmp_path / "run").name == "step-2"
 
 
+def test_a_run_that_never_saved_a_checkpoint_can_be_started_over(config_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".fastes-run").write_text("")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')  # a crashed run: metrics, no checkpoint to resume
+    assert cli.main(["train", "--config", str(config_file)]) == 0
+    assert ckpt.find_checkpoint(run).name == "step-2"
+    code = cli.main(["train", "--config", str(config_file)])  # now it holds a checkpoint: resume or elsewhere
+    one_line(capsys, code, 2, "already holds a run", "--resume")
+
+
 def test_a_moved_run_resumes_where_it_now_is(config_file, tmp_path, capsys):
     assert cli.main(["train", "--config", str(config_file)]) == 0
     moved = tmp_path / "moved"
