@@ -271,6 +271,8 @@ if triton is not None:
 _GPU_CONFIGS = {
     "gemm": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
     "full": [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (256, 64, 32, 8, 2)],
+    # Rademacher: BK = 32 (one sign word per row of the tile); at BK = 64 Triton 3.6 spills 240-352 B
+    "full-rad": [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2), (128, 128, 32, 8, 2), (256, 64, 32, 8, 2)],
     "gemm-fp32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)],  # ieee fp32 dots run on the CUDA cores
     "full-fp32": [(64, 64, 32, 4, 2)],
 }
@@ -368,5 +370,6 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         cfg = dict(INTERPRET_CONFIG if config is None else config)
         _gemm_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
-        _tuned(("full" if m == FULL else "gemm") + ("-fp32" if x.dtype == torch.float32 else ""))[grid](*args, **meta)
+        which = "gemm" if m != FULL else "full-rad" if kind == 1 and x.dtype != torch.float32 else "full"
+        _tuned(which + ("-fp32" if x.dtype == torch.float32 else ""))[grid](*args, **meta)
     return out
