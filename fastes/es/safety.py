@@ -129,6 +129,31 @@ class FailureStreak:
                  f"({self.count}/{self.limit} before the run stops)")
 
 
+def observe_step(trainer: Any, step: int, stats: dict[str, float], rollouts: int, members: int, texts: list[str],
+                 prompts: list[Any], examples: list[Any]) -> None:
+    """Count a trainer step whose rewards / fitness failed on every rollout (``trainer.failures``), naming the
+    plug-in and its first error: what the real calls raised when the scoring recorded it, else one more call."""
+    from fastes.es.fitness import make_rollouts
+    from fastes.es.tasks.base import collate_columns
+
+    rewards_failed, fitness_failed = all_rollouts_failed(stats, rollouts, members)
+    fitness_failed = fitness_failed and trainer.member_fitness is not None
+
+    def diagnose() -> tuple[str, str]:
+        errors = getattr(trainer, "reward_errors", None)
+        if rewards_failed and errors:  # what the real calls raised, with TRL's arguments
+            return next(iter(errors.items()))
+        if rewards_failed and texts:
+            return first_reward_error(trainer.rewards, texts[0], prompts[0], collate_columns(examples[:1]))
+        if fitness_failed and texts:
+            k = trainer.config.samples_per_prompt
+            one = make_rollouts([examples[0].prompt], [texts[:k]], None, collate_columns(examples[:1]))
+            return first_fitness_error(trainer.member_fitness, one)
+        return "rewards" if rewards_failed else "member_fitness", "failed on another rank"
+
+    trainer.failures.observe(step, rewards_failed or fitness_failed, diagnose)
+
+
 def all_rollouts_failed(stats: dict[str, float], rollouts: int, members: int) -> tuple[bool, bool]:
     """(rewards failed on every rollout, member fitness failed on every member), from the summed counters."""
     bad = stats.get("reward/errors", 0.0) + stats.get("reward/invalid", 0.0) + stats.get("reward/none", 0.0)
@@ -158,4 +183,4 @@ def check_kv_pool(pool_tokens: int, prompt_lengths: Sequence[int], max_tokens: i
 
 
 __all__ = ["FailureStreak", "NonFiniteUpdate", "PluginFailure", "all_rollouts_failed", "check_finite",
-           "check_kv_pool", "first_fitness_error", "first_reward_error", "warn"]
+           "check_kv_pool", "first_fitness_error", "first_reward_error", "observe_step", "warn"]

@@ -37,7 +37,7 @@ from fastes.es.memory_plan import load_engine, plan_memory
 from fastes.es.optim import AskTell
 from fastes.es.run_dir import FailedStartCleanup, check_run_dir
 from fastes.es.runtime import cpu_threads_for, derive_seed, resolve_device, resolve_dtype, resolve_task
-from fastes.es.safety import FailureStreak, all_rollouts_failed, check_finite, check_kv_pool, warn
+from fastes.es.safety import FailureStreak, check_finite, check_kv_pool, observe_step, warn
 
 
 class Trainer:
@@ -285,7 +285,7 @@ class Trainer:
             center = self.center_fitness(step)
             stats["fitness/center"] = float(center.mean())
             fitness = fitness - center[[self._member_batch(m) for m in range(pop.size)]]
-        self._observe_failures(step, stats, len(scores), pop.size, texts, flat_prompts, examples)
+        observe_step(self, step, stats, len(scores), pop.size, texts, flat_prompts, examples)  # PluginFailure
         coeffs = self.es.tell(step, fitness)
         if coeffs is None and self.is_main and not self.failures.count:
             warn(f"step {step}: skipped, the {pop.size} member fitnesses are all equal ({float(fitness[0]):.4g})")
@@ -311,30 +311,6 @@ class Trainer:
         if samples and self.is_main:
             record["samples"] = samples
         return record
-
-    def _observe_failures(self, step: int, stats: dict[str, float], rollouts: int, members: int, texts: list[str],
-                          prompts: list[Any], examples: list[Any]) -> None:
-        """Count a step whose rewards / fitness failed on every rollout; PluginFailure after max_failed_steps."""
-        from fastes.es.fitness import make_rollouts
-        from fastes.es.safety import first_fitness_error, first_reward_error
-        from fastes.es.tasks.base import collate_columns
-
-        rewards_failed, fitness_failed = all_rollouts_failed(stats, rollouts, members)
-        if self.member_fitness is None:
-            fitness_failed = False
-
-        def diagnose() -> tuple[str, str]:
-            if rewards_failed and self.reward_errors:  # what the real calls raised, with TRL's arguments
-                return next(iter(self.reward_errors.items()))
-            if rewards_failed and texts:
-                return first_reward_error(self.rewards, texts[0], prompts[0], collate_columns(examples[:1]))
-            if fitness_failed and texts:
-                k = self.config.samples_per_prompt
-                rollouts_0 = make_rollouts([examples[0].prompt], [texts[:k]], None, collate_columns(examples[:1]))
-                return first_fitness_error(self.member_fitness, rollouts_0)
-            return "rewards" if rewards_failed else "member_fitness", "failed on another rank"
-
-        self.failures.observe(step, rewards_failed or fitness_failed, diagnose)
 
     def evaluate(self, step: int | None = None) -> dict[str, Any]:
         """The unperturbed model on every eval set (fastes.es.evaluation); rows saved when ``step`` is given."""
