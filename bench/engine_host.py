@@ -5,11 +5,12 @@
 The bundled demo model generates S = members × (S / members) sequences (N = 32 lowrank members,
 3-digit additions, greedy, ``ignore_eos``, every sequence ``--new-tokens`` long). Every forward
 and every sampler call is timed, and so is the whole step; a decode step's host time is its wall
-time minus the two. It is split into the scheduler's plan (``schedule``), the runner's input
-preparation (``prepare``), the rest of the runner (KV copies, logits rows, the token read-back)
-and the scheduler's bookkeeping (``postprocess``). Reported: means over the decode steps of all
-reps (so that the parts add up), and the host time's median. ``graph inputs``: the decode-graph
-input preparation alone (rows -> arrays -> the static buffers a CUDA graph replays, through
+time minus the two (and the same in this process's CPU time, steadier on a shared host). It is
+split into the scheduler's plan (``schedule``), the runner's input preparation (``prepare``), the
+rest of the runner (KV copies, logits rows, the token read-back) and the scheduler's bookkeeping
+(``postprocess``). Reported: means over the decode steps of all reps (so that the parts add up),
+and the host time's median. ``graph inputs``: the decode-graph input preparation alone (rows ->
+arrays -> the static buffers a CUDA graph replays, through
 ``DecodeGraphs.load`` with eager buffers on CPU), per step.
 
 Targets on the project's 2-core CPU (issue 19): host ≤ 2 ms per decode step at 512 sequences and
@@ -42,11 +43,12 @@ class _Clock:
 
     def wrap(self, phase: str, fn: Callable) -> Callable:
         def timed(*args: object, **kwargs: object) -> object:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.step[phase] += time.perf_counter() - start
+                self.step["cpu_" + phase] += time.process_time() - cpu
         return timed
 
     def close_step(self) -> None:
@@ -68,12 +70,13 @@ def _instrument(engine: object, clock: _Clock) -> None:
     plain_run = runner.run
 
     def schedule(self: Scheduler) -> object:
-        clock.step["t0"] = time.perf_counter()
+        clock.step["t0"], clock.step["c0"] = time.perf_counter(), time.process_time()
         return clock.wrap("schedule", plain_schedule)(self)
 
     def postprocess(self: Scheduler, plan: object, tokens: list[int]) -> object:
         out = clock.wrap("postprocess", plain_post)(self, plan, tokens)
         clock.step["wall"] = time.perf_counter() - clock.step.pop("t0")
+        clock.step["cpu_wall"] = time.process_time() - clock.step.pop("c0")
         clock.step["decode"] = float(plan.decode_only)  # type: ignore[attr-defined]
         clock.close_step()
         return out
@@ -132,6 +135,8 @@ def measure(seqs: int, members: int, new_tokens: int, reps: int) -> dict[str, ob
     host = [s["wall"] - s.get("forward", 0.0) - s.get("sampler", 0.0) for s in decode]
     split["host"] = statistics.fmean(host)
     split["host_median"] = statistics.median(host)
+    split["host_cpu"] = statistics.fmean(s["cpu_wall"] - s.get("cpu_forward", 0.0) - s.get("cpu_sampler", 0.0)
+                                         for s in decode)
     split["runner_other"] = statistics.fmean(
         s.get("run", 0.0) - s.get("forward", 0.0) - s.get("sampler", 0.0) - s.get("prepare", 0.0) for s in decode)
     split["graph_inputs"] = _graph_inputs(engine, prompts, pop, min(new_tokens - 1, 16))
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         res = measure(seqs, args.members, args.new_tokens, args.reps)
         ms = {k: 1e3 * v for k, v in res["mean_s"].items()}  # type: ignore[union-attr]
         print(f"  {seqs:5d} seqs: step {ms['wall']:7.2f} ms = forward {ms['forward']:7.2f} + sampler "
-              f"{ms['sampler']:5.2f} + host {ms['host']:5.2f} (median {ms['host_median']:.2f}; schedule "
+              f"{ms['sampler']:5.2f} + host {ms['host']:5.2f} (cpu {ms['host_cpu']:.2f}, "
+              f"median {ms['host_median']:.2f}; schedule "
               f"{ms['schedule']:.2f}, prepare {ms['prepare']:.2f}, runner other {ms['runner_other']:.2f}, "
               f"postprocess {ms['postprocess']:.2f}); "
               f"graph inputs alone {ms['graph_inputs']:.2f} ms", flush=True)

@@ -143,7 +143,11 @@ def test_a_decode_in_its_last_block_touches_no_row():
     manager.allocate(0, 0, 3)
     assert manager.append_in_last_block(0) and manager.num_tokens(0) == 4
     assert not manager.append_in_last_block(0) and manager.num_tokens(0) == 4  # the block is full
-    manager.append_slots(0, 1)
+    assert manager.append_new_block(0) == 1 and manager.block_table(0) == [0, 1] and manager.num_tokens(0) == 5
+    assert manager.append_new_block(0) == -1, "the last block has room: no new block"
+    full = BlockManager(1, 2)
+    full.allocate(0, 0, 2)
+    assert full.append_new_block(0) == -1 and full.num_tokens(0) == 2  # no free block: nothing changes
     manager.fork(0, 1)
     assert not manager.append_in_last_block(1), "a shared last block must be copied first"
     assert manager.num_tokens(1) == 5

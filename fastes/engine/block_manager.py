@@ -145,6 +145,17 @@ class BlockManager:
         seq.num_tokens = n + 1
         return True
 
+    def append_new_block(self, seq_id: int) -> int:
+        """Extend by one slot that starts a fresh block, if the last block is full and a block is free: returns
+        the new block, or −1 with nothing changed (the decode fast path at a block boundary)."""
+        seq = self._seqs[seq_id]
+        if seq.num_tokens % self.block_size or not self._free:
+            return -1
+        block = self._take(seq.member)
+        seq.blocks.append(block)
+        seq.num_tokens += 1
+        return block
+
     def append_slot(self, seq_id: int) -> int:
         """One more slot for a decoded token."""
         return self.append_slots(seq_id, 1)[0]

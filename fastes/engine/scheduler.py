@@ -14,7 +14,9 @@ token, asks the stop checker and finishes sequences.
 
 The scheduler owns the BatchState rows: it writes a row when a sequence is admitted, gets a
 block, forks, finishes or is preempted. A decode whose slot lies in the sequence's own last
-block (15 steps in 16 with blocks of 16) touches neither the block manager's lists nor the row.
+block (15 steps in 16 with blocks of 16) touches neither the block manager's lists nor the row;
+one that starts a new block while blocks are free writes one table entry. Everything else
+(prefill chunks, copy-on-write, a full pool) takes the general path with its checks.
 
 A sequence whose KV can never fit the whole pool raises ``KVCacheTooSmallError`` as soon as
 it is seen: chunked prefill would otherwise admit it chunk by chunk, preempt it when the
@@ -105,7 +107,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             size = len(seq.tokens) - seq.num_computed
-            if not (size == 1 and manager.append_in_last_block(seq.seq_id)):  # else: the fast path, done
+            if size != 1 or not (manager.append_in_last_block(seq.seq_id) or self._append_block(seq)):
                 size = self._schedule_running(seq, min(size, budget), step)
                 if not size:
                     continue
@@ -143,6 +145,20 @@ class Scheduler:
                                        f"and the pool has {manager.num_blocks}; raise kv_cache_tokens")
         seqs.sort(key=_member)  # stable: per-member segments, in admission order within a member
         return self._plan(seqs, decode_only, budget)
+
+    def _append_block(self, seq: Sequence) -> bool:
+        """A decode that starts a new block while one is free: the block goes straight into the row."""
+        block = self.manager.append_new_block(seq.seq_id)
+        if block < 0:
+            return False
+        state, row = self.state, seq.row
+        col = int(state.num_blocks[row])
+        if col >= state.block_tables.shape[1]:
+            state.set_blocks(row, col, self.manager.blocks_view(seq.seq_id))
+        else:
+            state.block_tables[row, col] = block
+            state.num_blocks[row] = col + 1
+        return True
 
     def _schedule_running(self, seq: Sequence, size: int, step: int) -> int:
         """The slow path of a running sequence (a new block, a copy-on-write or a prefill chunk): reserve ``size``
