@@ -205,18 +205,31 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if is_demo:
         print(f"fastes: running the demo config {demo_config()}", file=sys.stderr)
     from fastes.es.distributed import DistributedError
-    from fastes.es.safety import PluginFailure
+    from fastes.es.safety import NonFiniteUpdate, PluginFailure
 
     try:
         trainer = Trainer(config)  # loads and validates everything before the run directory is created
         result = trainer.train()
-    except PluginFailure as err:  # not bad input: the user's code broke at run time (every rank sees it)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"fastes: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        if os.environ.get("WORLD_SIZE", "1") != "1":
+    except (PluginFailure, ValueError) as err:  # every rank of a distributed run meets the same error
+        distributed = os.environ.get("WORLD_SIZE", "1") != "1"
+        if isinstance(err, ValueError) and not distributed:
+            raise  # one process: bad input, reported by run_command (exit 2)
+        code = 1 if isinstance(err, PluginFailure) else EXIT_BAD_INPUT  # a plug-in broke at run time: exit 1
+        rank = os.environ.get("RANK", "0")
+        if isinstance(err, (PluginFailure, NonFiniteUpdate)):  # decided from gathered data: the same everywhere
+            if rank == "0":
+                print(f"fastes: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            if distributed and trainer.dist is not None:  # nobody leaves before rank 0 has said why
+                try:
+                    trainer.dist.barrier()
+                except DistributedError:
+                    pass
+        else:  # maybe this rank's own (its device, its files): every rank says what it met
+            print(f"fastes: error: rank {rank}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        if distributed:
             sys.stdout.flush()
-            os._exit(1)  # as below: skip the teardown of a process group
-        return 1
+            os._exit(code)  # as below: skip the teardown of a process group
+        return code
     except DistributedError as err:  # a peer died or hung: not bad input, and the last checkpoint is intact
         print(f"fastes: error: distributed run stopped: {err}; resume from the last checkpoint in {config.out} "
               "with --resume (any number of processes)", file=sys.stderr, flush=True)
