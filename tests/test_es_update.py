@@ -46,12 +46,15 @@ LOW = (torch.bfloat16, torch.float16)
 NAME = "model.layers.3.mlp.up_proj.weight"
 
 # (mode, shape, rank, members, antithetic, kind): odd shapes so every tile edge is masked; (33, 64)
-# and rank 4 hit the one-Philox-per-4 factor path, (33, 65) with rank 1 the element-wise one.
+# and rank 4 hit the one-Philox-per-4 factor path, (33, 65) with rank 1 the element-wise one; Rademacher
+# (33, 64) rank 1 and (33, 48) rank 2 the one-Philox-per-32-signs factor path.
 CASES = [
     ("lowrank", (33, 65), 1, 8, True, "gaussian"),
     ("lowrank", (33, 65), 4, 3, False, "gaussian"),
     ("lowrank", (33, 64), 1, 1, False, "gaussian"),
     ("lowrank", (33, 65), 4, 8, True, "rademacher"),
+    ("lowrank", (33, 64), 1, 8, True, "rademacher"),
+    ("lowrank", (33, 48), 2, 3, False, "rademacher"),
     ("full", (33, 65), 1, 8, True, "gaussian"),
     ("full", (33, 65), 1, 3, False, "rademacher"),
     ("lowrank", (37,), 1, 8, True, "gaussian"),  # 1-D: dense noise whatever the mode

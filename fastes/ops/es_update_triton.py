@@ -88,19 +88,27 @@ def _lowrank_kernel(w_ptr, idx_ptr, coef_ptr, out_f, in_f, num_idx, k0, k1, tid,
             kmask = kk < num_idx
             idx = tl.load(idx_ptr + kk, mask=kmask, other=0)
             coef = tl.load(coef_ptr + kk, mask=kmask, other=0.0)
-            # A_k rows pid_m*BM.. are stream elements in*R + (pid_m*BM)*R + [0, BM*R): 4-aligned.
-            ba = (in_f * R + pid_m * (BM * R)) // 4 + tl.arange(0, BM * R // 4)
-            ba2 = tl.broadcast_to(ba[None, :], (KCK, BM * R // 4))
-            ia2 = tl.broadcast_to(idx[:, None], (KCK, BM * R // 4))
-            g0, g1, g2, g3 = philox.gaussian_block(ba2, k0, k1, tid, ia2, step)
-            fa = _flat4(g0, g1, g2, g3) * coef[:, None]  # [KCK, BM*R]
+            # A_k rows pid_m*BM.. are stream elements in*R + (pid_m*BM)*R + [0, BM*R); B_k rows pid_n*BN..
+            # are (pid_n*BN)*R + [0, BN*R): 4-aligned (Gaussian blocks) resp. 32-aligned (Rademacher words).
+            if KIND == 0:
+                ba = (in_f * R + pid_m * (BM * R)) // 4 + tl.arange(0, BM * R // 4)
+                ba2 = tl.broadcast_to(ba[None, :], (KCK, BM * R // 4))
+                ia2 = tl.broadcast_to(idx[:, None], (KCK, BM * R // 4))
+                g0, g1, g2, g3 = philox.gaussian_block(ba2, k0, k1, tid, ia2, step)
+                fa = _flat4(g0, g1, g2, g3) * coef[:, None]  # [KCK, BM*R]
+                bb = (pid_n * (BN * R)) // 4 + tl.arange(0, BN * R // 4)
+                bb2 = tl.broadcast_to(bb[None, :], (KCK, BN * R // 4))
+                ib2 = tl.broadcast_to(idx[:, None], (KCK, BN * R // 4))
+                h0, h1, h2, h3 = philox.gaussian_block(bb2, k0, k1, tid, ib2, step)
+                fb = _flat4(h0, h1, h2, h3)  # [KCK, BN*R]
+            else:
+                wa = (in_f * R + pid_m * (BM * R)) // 32 + tl.arange(0, BM * R // 32)
+                wa2 = tl.broadcast_to(wa[None, :], (KCK, BM * R // 32))
+                fa = philox.rademacher_words_2d(wa2, k0, k1, tid, idx[:, None], step) * coef[:, None]
+                wb = (pid_n * (BN * R)) // 32 + tl.arange(0, BN * R // 32)
+                wb2 = tl.broadcast_to(wb[None, :], (KCK, BN * R // 32))
+                fb = philox.rademacher_words_2d(wb2, k0, k1, tid, idx[:, None], step)
             a = tl.reshape(tl.permute(tl.reshape(fa, (KCK, BM, R)), (1, 0, 2)), (BM, KC))
-            # B_k rows pid_n*BN.. are stream elements (pid_n*BN)*R + [0, BN*R).
-            bb = (pid_n * (BN * R)) // 4 + tl.arange(0, BN * R // 4)
-            bb2 = tl.broadcast_to(bb[None, :], (KCK, BN * R // 4))
-            ib2 = tl.broadcast_to(idx[:, None], (KCK, BN * R // 4))
-            h0, h1, h2, h3 = philox.gaussian_block(bb2, k0, k1, tid, ib2, step)
-            fb = _flat4(h0, h1, h2, h3)  # [KCK, BN*R]
             bt = tl.reshape(tl.permute(tl.reshape(fb, (KCK, BN, R)), (0, 2, 1)), (KC, BN))
         else:
             c = kc + tl.arange(0, KC)
@@ -171,8 +179,9 @@ def _config(lowrank: bool, numel: int, columns: int, blockgen: bool = True) -> d
     per element, so there it takes wide chunks (many indices per loop trip, small tiles for small W).
 
     ``columns`` is K·r (lowrank) or K (full). On a GPU the lowrank tile is 64 × 64 at 4 warps for
-    block-wise (Gaussian) factors: 204 registers, 2 CTAs/SM on sm_90 (64 × 128 at 8 warps: 204, 1 CTA/SM);
-    the element-wise path (Rademacher, odd ranks) spills at 64 × 64 and keeps 64 × 128 at 8 warps.
+    block-wise factors (Gaussian blocks or Rademacher words): 2 CTAs/SM on sm_90 (64 × 128 at 8 warps:
+    1 CTA/SM); the element-wise path (odd ranks, unaligned shapes) spills at 64 × 64 and keeps 64 × 128.
+    Still spilling on Triton 3.6: fp32 weights with Rademacher factors, 72 B (64 × 128: 56 B).
     """
     if _backend.triton_interpreted():
         if lowrank:
@@ -223,12 +232,14 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
                 sr_idx=as_i32(SR_NOISE_INDEX), KIND=KIND_INT[noise.kind], OUT=OUT_CODES[weight.dtype])
     if lowrank:
         out_f, in_f = weight.shape
-        blockgen = noise.kind == "gaussian" and rank & (rank - 1) == 0 and (in_f * rank) % 4 == 0
+        per = 4 if noise.kind == "gaussian" else 32  # stream values per Philox block resp. word
+        blockgen = rank & (rank - 1) == 0 and (in_f * rank) % per == 0
         cfg = _config(True, weight.numel(), len(folded) * rank, blockgen)
         bm, bn = block_m or cfg["BM"], block_n or cfg["BN"]
         for value, arg in ((bm, "block_m"), (bn, "block_n")):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{arg} must be a power of two >= 16, got {value}")
+        blockgen = blockgen and (bm * rank) % per == 0 and (bn * rank) % per == 0
         kc = max(cfg["KC"], rank) if blockgen else cfg["KC"]
         grid = (triton.cdiv(out_f, bm), triton.cdiv(in_f, bn))
         return lambda: _lowrank_kernel[grid](weight, idx, coef, out_f, in_f, len(folded), **args, R=rank, KC=kc,

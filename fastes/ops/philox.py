@@ -33,8 +33,9 @@ Cost per value (a Philox call is 10 rounds x (2 mul.hi + 2 mul.lo + 4 xor) plus 
 * ``gaussian_block`` (four lanes as four tensors) and ``gaussian_blocks_flat`` (the same,
   interleaved along the last dimension): one Philox call per block, no redundancy. A
   matmul whose K-tile starts at a multiple of 4 elements of the stream can use them.
-* ``rademacher_words_flat`` (and ``rademacher_blocks_flat``, the same on whole blocks): one
-  Philox call per 32-bit word (~3 ops per sign); ``rademacher_rows``: 2-D blocks, one call per 128.
+* ``rademacher_words_flat`` (and ``rademacher_blocks_flat``, the same on whole blocks; and
+  ``rademacher_words_2d``, rows of words): one Philox call per 32-bit word (~3 ops per sign);
+  ``rademacher_rows``: 2-D blocks, one call per 128.
 * ``noise_rows``: [R, C] runs of a stream starting at per-row elements, block-wise when aligned,
   else element-wise (the perturbed embedding's rows, the LoRA adapters' tiles).
 
@@ -127,6 +128,17 @@ def rademacher_words_flat(w, k0, k1, tid, idx, step):
     word = tl.where(j == 0, x0, tl.where(j == 1, x1, tl.where(j == 2, x2, x3)))
     bits = (word[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1
     return tl.reshape(tl.where(bits != 0, 1.0, -1.0), (w.shape[0] * 32,))
+
+
+@triton.jit
+def rademacher_words_2d(w, k0, k1, tid, idx, step):
+    """Signs of 2-D 32-bit word indices ``w`` [R, C] (``idx`` broadcasts against it) as [R, 32 C] float32:
+    row r holds words w[r, 0..C-1] in order. One Philox call per word, as ``rademacher_words_flat``."""
+    x0, x1, x2, x3 = philox4x32_10((w >> 2).to(tl.uint32), tid, idx, step, k0, k1)
+    j = w & 3
+    word = tl.where(j == 0, x0, tl.where(j == 1, x1, tl.where(j == 2, x2, x3)))
+    bits = (word[:, :, None] >> tl.arange(0, 32)[None, None, :].to(tl.uint32)) & 1
+    return tl.reshape(tl.where(bits != 0, 1.0, -1.0), (w.shape[0], w.shape[1] * 32))
 
 
 @triton.jit

@@ -61,6 +61,7 @@ _COUNTED: dict[str, tuple[str, Callable[[Any], int]]] = {
     "philox4x32_10": ("philox_calls", lambda out: _numel(out[0])),
     "box_muller": ("values", lambda out: 2 * _numel(out[0])),
     "rademacher_words_flat": ("values", _numel),
+    "rademacher_words_2d": ("values", _numel),
     "rademacher_rows": ("values", _numel),
     "rademacher_at": ("values", _numel),
 }
