@@ -133,7 +133,7 @@ class ESOptimizer:
             for name in engine.perturbed_names(population):
                 param = engine.model.params[name]
                 pulled = param.float().lerp_(self.state["anchor"][name], lr * self.weight_decay)
-                write_weight(param, pulled, population.seed, name, step)
+                write_weight(param, pulled, population.seed, DECAY_SR_PREFIX + name, step)  # own rounding bits
         elif self.weight_decay:
             factor = 1.0 - lr * self.weight_decay
             for name in engine.perturbed_names(population):
