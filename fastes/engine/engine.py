@@ -6,8 +6,8 @@ which tokens, block slots, forks of finished prompts) in rows sorted by member; 
 turns the plan into the forward's inputs, runs the forward (on CUDA, decode steps replay a CUDA
 graph) and samples; the Scheduler then books the tokens, stops and finishes. ``update`` applies
 W += lr·s·Σ c_m·E_m by regenerating the noise; ``perturbation`` returns one member's dense
-σ·s·E_m for inspection and tests. The Engine itself keeps the public API (DESIGN.md §8) and
-checks arguments.
+σ·s·E_m for inspection and tests. The Engine itself keeps the public API (docs/design.md, "Public API")
+and checks arguments.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PROMPT_CACHE = 65536  # text prompts whose token ids are kept (an ES run re-send
 
 
 class Engine:
-    """A loaded model, its tokenizer and a paged KV pool; see DESIGN.md section 8 for the API."""
+    """A loaded model, its tokenizer and a paged KV pool; docs/design.md, "Public API", lists what it offers."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, kv_cache_tokens: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_num_seqs: int | None = None,
