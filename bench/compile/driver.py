@@ -147,6 +147,24 @@ def _constexprs(src: Any) -> dict[str, Any]:
     return out
 
 
+def _keep_log(key: str, log: str) -> str:
+    """Store a fresh ptxas log beside the Triton cache, or fetch the stored one on a cache hit (no ptxas ran)."""
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if not cache or not key:
+        return log
+    path = os.path.join(cache, "fastes-ptxas-logs", f"{key}.txt")
+    if log:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(log)
+        os.replace(path + ".tmp", path)
+        return log
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return ""
+
+
 def _wrap_compile() -> None:
     import triton.compiler as tc
 
@@ -163,7 +181,7 @@ def _wrap_compile() -> None:
                       shared=int(_meta(md, "shared", 0) or 0), compile_s=time.perf_counter() - start,
                       ptx=kernel.asm.get("ptx", ""), scratch=int(_meta(md, "global_scratch_size", 0) or 0),
                       hash=str(_meta(md, "hash", "")))
-        build.ptxas_log = next((log for log in reversed(REC.ptxas_logs) if log.strip()), "")
+        build.ptxas_log = _keep_log(build.hash, next((log for log in reversed(REC.ptxas_logs) if log.strip()), ""))
         REC.builds.append(build)
         return _Recorded(kernel, build)
 

@@ -33,7 +33,7 @@ class Usage:
     spill_stores: int | None
     spill_loads: int | None
     stack: int | None
-    source: str  # "triton" (Triton's ptxas log), "rerun" or "none"
+    source: str  # "triton" (Triton's ptxas log), "rerun" (ptxas -v again: Triton's extra options missing) or "none"
 
 
 def parse_ptxas(log: str, source: str) -> Usage:
@@ -43,11 +43,17 @@ def parse_ptxas(log: str, source: str) -> Usage:
     return Usage(int(regs.group(1)) if regs else None, st, ld, stack, source if regs else "none")
 
 
-def find_ptxas() -> str | None:
-    """Triton's bundled ptxas (always there with the NVIDIA backend), else $TRITON_PTXAS_PATH or PATH."""
+def find_ptxas(arch: int = 90) -> str | None:
+    """The ptxas Triton itself uses for ``arch`` (3.9 picks its newer bundled ptxas-blackwell even for
+    sm_90, and a PTX it wrote may need that version), else the bundled ptxas, $TRITON_PTXAS_PATH or PATH."""
     import triton
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        own = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - another Triton layout: fall back to the usual places
+        own = None
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    for cand in (os.environ.get("TRITON_PTXAS_PATH"), bundled, shutil.which("ptxas")):
+    for cand in (own, os.environ.get("TRITON_PTXAS_PATH"), bundled, shutil.which("ptxas")):
         if cand and os.path.exists(cand):
             return cand
     return None
