@@ -152,13 +152,14 @@ def plan_memory(config: TrainConfig, gpu_memory: tuple[int, int] | None = None) 
                   f"{_gb(total)} minus {_gb(total - free)} in use, weights and the items below; forward "
                   "activations are measured at start and come off it)")
     seqs = population.size * config.prompts_per_step * config.samples_per_prompt  # same_prompts or not
+    anchor = " + θ₀ for anchored decay" if config.optim.decay_to == "start" and config.optim.weight_decay else ""
     lines = [("model", f"{mc.model_type}, {reserve['base_numel']:,} parameters, "
               f"{str(dtype).replace('torch.', '')}, {device}"),
              ("weights", _gb(weights)), ("KV pool", kv),
              ("perturbed", f"{reserve['perturbed_tensors']} tensors, {reserve['perturbed_numel'] / 1e6:.2f}M "
               f"elements ({config.population.mode} mode)"),
              ("population noise", f"0 B (regenerated from counters for {population.size} members)"),
-             ("optimizer state", f"{_gb(reserve['optimizer'])} ({config.optim.name})"),
+             ("optimizer state", f"{_gb(reserve['optimizer'])} ({config.optim.name}{anchor})"),
              ("update workspace", f"<= {_gb(reserve['workspace'])} (fp32, one tensor at a time)"),
              ("rollouts per step", f"{seqs} sequences of <= {config.sampling.max_tokens} new tokens")]
     if config.population.mode == "lora":
