@@ -202,3 +202,18 @@ def test_greedy_generation_unchanged_by_the_row_capacity(model_dir):
                                                                     for m in want]
     assert engine.batch_state.capacity >= len(PROMPTS) * 2 * 2
     assert np.all(engine.batch_state.block_tables >= 0)
+
+
+def test_engine_config_and_the_cpu_token_budget(model_dir):
+    from fastes.engine.config import CPU_ACTIVATION_BYTES, EngineConfig, cpu_token_budget
+
+    for width in (1, 128 * 4, 384 * 4, 2048 * 4, 4864 * 4, 8960 * 4, 10**9):
+        fits = [t for t in (8192, 16384, 32768, 65536) if t * width <= CPU_ACTIVATION_BYTES]
+        assert cpu_token_budget(width) == max(fits, default=8192), width
+    assert cpu_token_budget(0) == 8192
+    engine = Engine.from_pretrained(model_dir, config=EngineConfig(kv_cache_tokens=64, block_size=8, max_num_seqs=3))
+    assert (engine.block_size, engine.max_num_seqs, engine.manager.num_blocks) == (8, 3, 8)
+    assert engine.max_num_batched_tokens == cpu_token_budget(CONFIG["intermediate_size"] * 4)
+    assert Engine.from_pretrained(model_dir, max_num_batched_tokens=77).max_num_batched_tokens == 77
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=0)
