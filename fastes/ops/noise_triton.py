@@ -65,12 +65,13 @@ GROUP = {"gaussian": 4, "rademacher": 32}  # values per group the fill kernel ge
 
 
 def _default_values_per_program(kind: str) -> int:
-    """Not autotuned (one config works under the interpreter); rademacher needs >= 128 words for 4 warps, and
-    more than one word per thread spills on Triton 3.6, the H100 machines' version (sm_90: 16384 values ~8 KB per
-    thread, 8192 values 672 B; 4096 values none, 56 registers; on 3.9 4096 values spill 8 B)."""
+    """Not autotuned (one config works under the interpreter). Rademacher: 64 words per program at 4 warps
+    (two threads per word, each recomputing it: ~2 Philox calls per 32 signs, still far below the 4 B
+    written per sign). sm_90 spills with more: 16384 values ~8 KB per thread on Triton 3.6, the H100
+    machines' version; 8192 values 672 B (3.6); 4096 values 8 B (3.9); 2048 values none on either, 54 registers."""
     if _backend.triton_interpreted():
         return 8192 if kind == "gaussian" else 32768  # the interpreter pays per program, not per element
-    return 2048 if kind == "gaussian" else 4096  # 128 words: one per thread at 4 warps
+    return 2048
 
 
 def noise_fill_triton(
