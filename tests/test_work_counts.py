@@ -70,15 +70,15 @@ def test_full_rank_unperturbed_rows_generate_nothing():
 
 
 @pytest.mark.parametrize("antithetic", [False, True])
-@pytest.mark.parametrize("rank", [1, 4])
-def test_lowrank_generates_members_times_in_plus_out_times_rank(antithetic, rank):
+@pytest.mark.parametrize(("rank", "kind"), [(1, "gaussian"), (4, "gaussian"), (1, "rademacher")])
+def test_lowrank_generates_members_times_in_plus_out_times_rank(antithetic, rank, kind):
     """The shrink generates B (in × r) and the GEMM epilogue A (out × r) once per noise index present:
     not once per member slot of the epilogue, not once per row tile or K split."""
     w = torch.randn(OUT, IN)
     for members, per in ((4, 4), (4, 8), (8, 4)):  # 1, 2 and 2 row tiles of the GEMM
         rm = _rows(members, per)
         x = torch.randn(members * per, IN)
-        counts = _count(lambda rm=rm, x=x: perturbed_linear_triton(x, w, None, rm, _spec("gaussian", antithetic),
+        counts = _count(lambda rm=rm, x=x: perturbed_linear_triton(x, w, None, rm, _spec(kind, antithetic),
                                                                    0.1, 1.0, "lowrank", rank, "w"))
         indices = members // 2 if antithetic else members
         assert counts.values("_shrink_kernel") == indices * IN * rank, (members, per)
