@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastes._cliutil import EXIT_BAD_INPUT, BadInput, OneLineParser, parse_options, run_command
+from fastes._cliutil import EXIT_BAD_INPUT, BadInput, OneLineParser, run_command
+from fastes.cli_eval import add_eval_args, run_eval
 
 TRAIN_HELP = """\
 Every config key can be overridden: --key value for top-level keys (--model DIR, --task NAME, --steps N,
@@ -37,13 +38,9 @@ def _parser() -> OneLineParser:
     train.add_argument("--trust-checkpoint-code", action="store_true",
                        help="with --resume and no --config: import the plug-ins (task, rewards, member_fitness) the "
                        "checkpoint names; without it they must be named again on the command line")
-    ev = sub.add_parser("eval", help="greedy accuracy and reward of a model on a task's held-out set",
+    ev = sub.add_parser("eval", help="accuracy, reward and pass@k of a model on a task or a config's eval sets",
                         allow_abbrev=False)
-    ev.add_argument("--model", required=True, help="HF model directory")
-    ev.add_argument("--task", required=True, help="task name (countdown, arithmetic, gsm8k, jsonl) or module:factory")
-    ev.add_argument("--size", type=int, default=64, help="number of held-out examples (default 64)")
-    ev.add_argument("--max-tokens", type=int, default=256)
-    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a task option (repeatable)")
+    add_eval_args(ev)
     _engine_args(ev)
     gen = sub.add_parser("generate", help="generate text from a model directory", allow_abbrev=False)
     gen.add_argument("--model", required=True, help="HF model directory")
@@ -269,22 +266,7 @@ def _load_engine(model: str, dtype: str, device: str) -> Any:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastes.engine.sampling import SamplingParams
-    from fastes.es.trainer import evaluate, resolve_task
-
-    if args.size < 1 or args.max_tokens < 1:
-        raise BadInput("--size and --max-tokens must be >= 1")
-    task = resolve_task(args.task, parse_options(args.option))
-    examples = list(task.eval_examples())[: args.size]
-    if not examples:
-        raise BadInput(f"task {args.task!r} has no held-out examples")
-    engine = _load_engine(args.model, args.dtype, args.device)
-    chat = bool(getattr(task, "use_chat_template", False) if args.chat is None else args.chat)
-    result = evaluate(engine, task, examples, [(task.reward, 1.0)], SamplingParams(max_tokens=args.max_tokens,
-                      temperature=0.0, seed=0), chat)
-    print(f"{args.task}: accuracy {result['eval/accuracy']:.4f}, reward {result['eval/reward']:.4f} "
-          f"on {len(examples)} examples ({result['eval/time_s']:.1f}s)")
-    return 0
+    return run_eval(args, _load_engine)
 
 
 def _generate(args: argparse.Namespace) -> int:

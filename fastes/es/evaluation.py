@@ -239,8 +239,10 @@ def build_eval_sets(config: Any, task: Any, rewards: RewardPairs, use_chat: bool
 
 
 def run_eval_sets(engine: Any, sets: Sequence[EvalSet], step: int, config: Any, *, dist: Any = None,
-                  run_dir: str | Path | None = None, **reward_options: Any) -> dict[str, Any]:
-    """Evaluate every set with the unperturbed weights; metrics per set, rows written under `run_dir` if given.
+                  run_dir: str | Path | None = None, rows_out: dict[str, list[dict[str, Any]]] | None = None,
+                  **reward_options: Any) -> dict[str, Any]:
+    """Evaluate every set with the unperturbed weights; metrics per set, rows written under `run_dir` if given
+    (and kept in `rows_out[name]`, for `fastes eval --out`).
 
     With `dist`, each rank generates its shard and the rows are gathered, so every rank
     returns the same metrics. Sampled sets draw from a stream fixed per set name, so the
@@ -268,6 +270,8 @@ def run_eval_sets(engine: Any, sets: Sequence[EvalSet], step: int, config: Any, 
         record.update(metric_keys(es.spec.name, metrics, primary=i == 0))
         if run_dir is not None:
             write_rows(run_dir, es.spec.name, step, rows)
+        if rows_out is not None:
+            rows_out[es.spec.name] = rows
     return record
 
 
