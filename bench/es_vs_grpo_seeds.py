@@ -5,9 +5,9 @@
 Each seed is one ``bench.es_vs_grpo`` run in its own process (``--es seed=N``: ES noise, data order and
 sampling; GRPO's TRL seed is the same config seed), written to DIR/seed-N/. The held-out set is the task's,
 the same for every seed. Then DIR/summary.json, DIR/summary.md and DIR/curves_seeds.png: accuracy at each
-evaluation time (the latest evaluation at or before it), best and final accuracy, and completions to first
-reach each accuracy threshold, as mean ± sample sd over seeds (a seed that never reached it is counted
-as not reached, not averaged in).
+evaluation time (the evaluation due then, run after the step that crossed it), best and final accuracy,
+and completions to first reach each accuracy threshold, as mean ± sample sd over seeds (a seed that never
+reached it is counted as not reached, not averaged in).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def run_seed(seed: int, out: Path, passthrough: list[str]) -> Path:
 
 
 def accuracy_at(curve: list[dict[str, Any]], t: float) -> float:
-    """Held-out accuracy of the latest evaluation at or before training time ``t``."""
-    return [p["accuracy"] for p in curve if p["train_s"] <= t + 1e-6][-1]
+    """Held-out accuracy of the evaluation due at training time ``t``: the first at or after it (an evaluation
+    runs after the step that crosses its time, so it is stamped up to one step late), else the last one."""
+    return next((p["accuracy"] for p in curve if p["train_s"] >= t - 1e-6), curve[-1]["accuracy"])
 
 
 def first_reach(curve: list[dict[str, Any]], threshold: float) -> int | None:
@@ -122,8 +123,9 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
     unit = "CPU seconds" if summary["clock"] == "cpu" else "wall-clock seconds"
     axes[0].set(xlabel=f"training {unit} (evaluation excluded)", ylabel="held-out greedy accuracy",
                 title="accuracy vs training time")
-    axes[1].set(xlabel="completions generated for training", ylabel="held-out greedy accuracy", xscale="log",
+    axes[1].set(xlabel="completions generated for training (log above 1,000)", ylabel="held-out greedy accuracy",
                 title="accuracy vs samples (each seed)")
+    axes[1].set_xscale("symlog", linthresh=1000)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

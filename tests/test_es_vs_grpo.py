@@ -129,7 +129,7 @@ def test_clock_runs_on_the_timer_it_is_given() -> None:
 
 
 def test_seed_summary_is_mean_and_sd_at_equal_time() -> None:
-    """Accuracy at t is the latest eval at or before t; mean ± sample sd over seeds; 'never reached' is kept apart."""
+    """Accuracy at t is the eval due at t (first at or after it); mean ± sample sd; 'never reached' kept apart."""
     sys.path.insert(0, str(ROOT))
     from bench.es_vs_grpo_seeds import accuracy_at, first_reach, markdown, summarize
 
@@ -141,7 +141,8 @@ def test_seed_summary_is_mean_and_sd_at_equal_time() -> None:
     results = [{"budget_s": 15.0, "clock": "cpu", "es": {"status": "ok", "curve": curve(r), "steps": 10 + i,
                                                           "samples": 300},
                 "grpo": {"status": "skipped", "reason": "x"}} for i, r in enumerate(runs)]
-    assert accuracy_at(results[0]["es"]["curve"], 5.0) == 0.3 and accuracy_at(results[0]["es"]["curve"], 5.3) == 0.4
+    assert accuracy_at(results[0]["es"]["curve"], 5.0) == 0.4 and accuracy_at(results[0]["es"]["curve"], 5.4) == 0.5
+    assert accuracy_at(results[0]["es"]["curve"], 99.0) == 0.6
     assert first_reach(results[1]["es"]["curve"], 0.5) == 100 and first_reach(results[2]["es"]["curve"], 0.55) is None
     s = summarize(results)
     assert s["times"] == [0.0, 5.0, 10.0, 15.0] and s["grpo"] == {"status": "skipped"}
@@ -149,6 +150,6 @@ def test_seed_summary_is_mean_and_sd_at_equal_time() -> None:
     mean = sum(final) / 3
     sd = (sum((x - mean) ** 2 for x in final) / 2) ** 0.5
     assert s["es"]["final"] == pytest.approx((mean, sd)) and s["es"]["best"][0] == pytest.approx((0.6 + 0.5 + 0.5) / 3)
-    assert s["es"]["at_time"][2][0] == pytest.approx((0.4 + 0.5 + 0.35) / 3)  # t = 10: the evals at 5.3 s
+    assert s["es"]["at_time"][2][0] == pytest.approx((0.5 + 0.5 + 0.45) / 3)  # t = 10: the evals at 10.3 s
     assert s["es"]["to_threshold"]["0.55"] == [300, None, None]
     assert "300 (1/3 seeds)" in markdown(s)
