@@ -177,3 +177,26 @@ def test_bad_eval_input_is_one_line_exit_2(tmp_path, capsys):
     fails(["eval", "--config", str(no_model)], capsys, "model is required")
     fails([*base, "--samples", "two"], capsys, "invalid int value")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_model.yaml"]
+
+
+def test_eval_of_a_checkpoint_reproduces_the_runs_sampled_evaluation(tmp_path, capsys):
+    """With the run's config, `fastes eval` on a checkpoint draws the samples the run drew at that step."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(DEMO), "device": "cpu", "task": "arithmetic", "steps": 2, "prompts_per_step": 4,
+        "task_options": {"digits": 3, "op": "add", "template": "{a}+{b}=", "num_train": 50, "num_eval": 20},
+        "eval_every": 2, "eval_size": 5, "save_every": 2, "progress": False, "tensorboard": False,
+        "population": {"size": 4, "sigma": 0.05}, "optim": {"lr": 0.01},
+        "sampling": {"max_tokens": 6, "temperature": 1.0},
+        "evaluation": {"sets": [{"name": "sampled", "samples": 3, "temperature": 1.0}]}}))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--out", str(run)]) == 0
+    assert cli.main(["eval", "--config", str(config), "--model", str(run / "checkpoints" / "step-2"),
+                     "--out", str(tmp_path / "ev.jsonl")]) == 0
+    printed = metrics_line(capsys.readouterr().out, "sampled")
+    saved = rows_of(run / "evals" / "sampled" / "step-000002.jsonl")
+    in_run = [{k: v for k, v in r.items() if k != "step"} for r in saved]
+    assert rows_of(tmp_path / "ev.jsonl") == in_run and len(in_run) == 15
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    at_2 = next(m for m in logged if m.get("step") == 2 and "eval/accuracy" in m)
+    assert printed["accuracy"] == pytest.approx(at_2["eval/accuracy"], abs=5e-5)
