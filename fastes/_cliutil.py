@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -50,3 +51,13 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def resolve_model_path(data: dict[str, Any], config_file: Path) -> None:
+    """A relative model path that is not found from the working directory is read relative to the config file."""
+    model = data.get("model")
+    if isinstance(model, str) and model and not Path(model).is_absolute() and not Path(model).exists():
+        for base in (config_file.parent, config_file.parent.parent):
+            if (base / model).exists():
+                data["model"] = str(base / model)
+                return

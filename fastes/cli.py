@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastes._cliutil import EXIT_BAD_INPUT, BadInput, OneLineParser, run_command
+from fastes._cliutil import EXIT_BAD_INPUT, BadInput, OneLineParser, resolve_model_path, run_command
 from fastes.cli_eval import add_eval_args, run_eval
 
 TRAIN_HELP = """\
@@ -110,16 +110,6 @@ def demo_config() -> Path | None:
     return None
 
 
-def _resolve_model_path(data: dict[str, Any], config_file: Path) -> None:
-    """A relative model path that is not found from the working directory is read relative to the config file."""
-    model = data.get("model")
-    if isinstance(model, str) and model and not Path(model).is_absolute() and not Path(model).exists():
-        for base in (config_file.parent, config_file.parent.parent):
-            if (base / model).exists():
-                data["model"] = str(base / model)
-                return
-
-
 def checkpoint_plugins(data: dict[str, Any]) -> dict[tuple[str, ...], str]:
     """Config key -> plug-in spec of every user code reference in a config mapping (built-in task names excluded)."""
     found: dict[tuple[str, ...], str] = {}
@@ -166,7 +156,7 @@ def load_train_config(config_file: str | None, overrides: list[str], trust_check
     is_demo = False
     if config_file is not None:
         data = read_yaml(config_file)
-        _resolve_model_path(data, Path(config_file))
+        resolve_model_path(data, Path(config_file))
     elif resume:
         data = _checkpoint_data(resume, overrides, trust_checkpoint)
     else:
@@ -174,7 +164,7 @@ def load_train_config(config_file: str | None, overrides: list[str], trust_check
         if demo is None:
             raise BadInput("no --config given and the bundled demo config (configs/demo.yaml) is not installed")
         data, is_demo = read_yaml(demo), True
-        _resolve_model_path(data, demo)
+        resolve_model_path(data, demo)
     config = TrainConfig.from_dict(apply_overrides(data, overrides))
     if is_demo and not Path(config.model).is_dir():
         raise BadInput(f"the demo model {config.model!r} is not there yet (make it with scripts/make_demo_model.py)")

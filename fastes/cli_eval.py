@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastes._cliutil import BadInput, parse_options
+from fastes._cliutil import BadInput, parse_options, resolve_model_path
 
 EVAL_MARKER = ".fastes-eval"
 ROW_KEYS = frozenset({"set", "index", "sample", "prompt", "completion", "correct"})
@@ -63,10 +63,8 @@ def eval_config(args: argparse.Namespace) -> Any:
     from fastes.es.config import TrainConfig, read_yaml
 
     if args.config is not None:
-        from fastes.cli import _resolve_model_path
-
         data = read_yaml(args.config)
-        _resolve_model_path(data, Path(args.config))
+        resolve_model_path(data, Path(args.config))
     elif args.task is None:
         raise BadInput("eval needs --task NAME or --config FILE")
     else:
