@@ -193,11 +193,32 @@ def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
+def restore_training_state(resume_dir: Path, state: dict[str, Any], mode: str, model: Any, optimizer: Any) -> None:
+    """Optimizer state and LoRA adapters from a checkpoint (the weights came with the engine's load)."""
+    saved = (state.get("config") or {}).get("population", {}).get("mode")
+    if saved != mode:
+        raise ValueError(f"resume: checkpoint was trained in mode {saved!r}, config asks for {mode!r}")
+    if model.lora:
+        adapters = load_tensors(resume_dir, "adapters", state)
+        if set(adapters) != set(model.lora_names()):
+            raise ValueError("resume: the checkpoint's LoRA adapters do not match lora.rank/targets")
+        for name, tensor in adapters.items():
+            if tuple(tensor.shape) != tuple(model.params[name].shape):
+                raise ValueError(
+                    f"resume: adapter {name} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(model.params[name].shape)} (lora.rank changed?)"
+                )
+            model.params[name].copy_(tensor)
+    tensors = load_tensors(resume_dir, "optimizer", state)
+    optimizer.load_state(state.get("optimizer") or {}, tensors, model.device)
+
+
 __all__ = [
     "save_checkpoint",
     "find_checkpoint",
     "load_state",
     "load_tensors",
+    "restore_training_state",
     "checkpoint_dir",
     "complete_checkpoints",
     "prune_checkpoints",

@@ -93,7 +93,8 @@ class Trainer:
         scales = self.state.get("noise_scales") if self.state else None
         self.es = AskTell(self.engine, config, noise_scales=scales)
         if self.state:
-            self._restore()
+            ckpt.restore_training_state(self.resume_dir, self.state, self.config.population.mode, self.engine.model,
+                                        self.es.optimizer)
         self.failures = FailureStreak(config.max_failed_steps, quiet=not self.is_main)
         self.eval_history: dict[int, float] = {int(k): float(v) for k, v in
                                                ((self.state or {}).get("eval_history") or {}).items()}
@@ -123,28 +124,6 @@ class Trainer:
         lengths = [len(self._prompt_ids(i)) for i in range(len(self.train_set))]
         lengths += [len(ids) for ids in encode_prompts(self.engine, self.task, self.eval_set, self.use_chat)]
         check_kv_pool(pool * self.engine.block_size, lengths, self.config.sampling.max_tokens)
-
-    def _restore(self) -> None:
-        """Optimizer state and LoRA adapters from the checkpoint (weights came with the engine)."""
-        state, model = self.state or {}, self.engine.model
-        saved = (state.get("config") or {}).get("population", {}).get("mode")
-        if saved != self.config.population.mode:
-            raise ValueError(
-                f"resume: checkpoint was trained in mode {saved!r}, config asks for {self.config.population.mode!r}"
-            )
-        if model.lora:
-            adapters = ckpt.load_tensors(self.resume_dir, "adapters", state)  # type: ignore[arg-type]
-            if set(adapters) != set(model.lora_names()):
-                raise ValueError("resume: the checkpoint's LoRA adapters do not match lora.rank/targets")
-            for name, tensor in adapters.items():
-                if tuple(tensor.shape) != tuple(model.params[name].shape):
-                    raise ValueError(
-                        f"resume: adapter {name} has shape {tuple(tensor.shape)}, expected "
-                        f"{tuple(model.params[name].shape)} (lora.rank changed?)"
-                    )
-                model.params[name].copy_(tensor)
-        tensors = ckpt.load_tensors(self.resume_dir, "optimizer", state)  # type: ignore[arg-type]
-        self.es.optimizer.load_state(state.get("optimizer") or {}, tensors, model.device)
 
     # ------------------------------------------------------------------ data
 
