@@ -74,24 +74,17 @@ def _layout(row_member: torch.Tensor) -> _Layout:
 _layouts = TensorMemo()  # of the forward's row_member: every linear shares it
 
 
-def _member_term(x: torch.Tensor, out: torch.Tensor, noise: NoiseSpec, sigma: float, scale: float, mode: str,
-                 rank: int, name: str, member: int) -> None:
-    """out += x (σ·s·E_m)ᵀ for rows x of one member, in place (fp32 math)."""
-    out_f, in_f = out.shape[1], x.shape[1]
-    if mode == "lowrank":
-        a, b, sign = member_noise.lowrank_factors(noise, name, member, out_f, in_f, rank, x.device)
-        h = torch.mm(x.float(), b)
-        a = a * (sign * sigma * scale / math.sqrt(rank))
-        if out.dtype == torch.float32:
-            out.addmm_(h, a.t())
-        else:
-            out.add_(torch.mm(h, a.t()).to(out.dtype))
-    else:  # the cached E with the sign folded into alpha: no copy of an [out, in] matrix per call
-        e, sign = member_noise.dense_unsigned(noise, name, member, (out_f, in_f), x.device)
-        if out.dtype == torch.float32:
-            out.addmm_(x.float(), e.t(), alpha=sign * sigma * scale)
-        else:
-            out.add_((torch.mm(x.float(), e.t()) * (sign * sigma * scale)).to(out.dtype))
+def _member_term(x: torch.Tensor, out: torch.Tensor, noise: NoiseSpec, sigma: float, scale: float, name: str,
+                 member: int) -> None:
+    """out += x (σ·s·E_m)ᵀ for rows x of one member in full mode, in place (fp32 math).
+
+    The cached E with the sign folded into alpha: no copy of an [out, in] matrix per call.
+    """
+    e, sign = member_noise.dense_unsigned(noise, name, member, (out.shape[1], x.shape[1]), x.device)
+    if out.dtype == torch.float32:
+        out.addmm_(x.float(), e.t(), alpha=sign * sigma * scale)
+    else:
+        out.add_((torch.mm(x.float(), e.t()) * (sign * sigma * scale)).to(out.dtype))
 
 
 def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -99,10 +92,9 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           mode: str, rank: int, name: str) -> torch.Tensor:
     """Shared base GEMM, then every member's term on its own rows (the C++ fill draws the noise).
 
-    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs), full X_m E_mᵀ·σ·s. Equal runs
-    in lowrank mode (the engine's decode steps) go as two batched matmuls over a free [M, C, in]
-    view with the step's stacked factors; everything else one member at a time, on a row slice
-    (sorted rows: mixed prefill and decode) or gathered rows (unsorted).
+    Lowrank adds (X_m B_m) A_mᵀ·σ·s/√r (2·rows·(in + out)·r FLOPs) from the step's stacked factors
+    (``_lowrank_terms``); full adds X_m E_mᵀ·σ·s one member at a time, on a row slice (sorted rows:
+    mixed prefill and decode) or gathered rows (unsorted).
     """
     out = torch.nn.functional.linear(x, weight, bias)
     if noise is None or sigma == 0 or row_member is None:
@@ -112,24 +104,47 @@ def _perturbed_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         layout = _layout(row_member)
         _layouts.put(row_member, layout)
     assert isinstance(layout, _Layout)
-    if mode == "lowrank" and layout.equal:
-        num, out_f, in_f = len(layout.members), weight.shape[0], weight.shape[1]
-        a, b = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device,
-                                            sigma * scale / math.sqrt(rank))  # a [M, out, r] signed, scaled
-        xs = x.view(num, -1, in_f).float()
-        if out.dtype == torch.float32:  # added in place: one pass over Y instead of three
-            out.view(num, -1, out_f).baddbmm_(torch.bmm(xs, b), a.transpose(1, 2))
-        else:
-            out.view(num, -1, out_f).add_(torch.bmm(torch.bmm(xs, b), a.transpose(1, 2)).to(out.dtype))
+    if mode == "lowrank" and layout.members:
+        _lowrank_terms(x, out, layout, noise, sigma * scale / math.sqrt(rank), rank, name)
         return out
     for m, rows in zip(layout.members, layout.rows, strict=True):
         if isinstance(rows, tuple):
-            _member_term(x[rows[0] : rows[1]], out[rows[0] : rows[1]], noise, sigma, scale, mode, rank, name, m)
+            _member_term(x[rows[0] : rows[1]], out[rows[0] : rows[1]], noise, sigma, scale, name, m)
         else:
             part = torch.zeros(rows.numel(), out.shape[1], dtype=out.dtype, device=out.device)
-            _member_term(x[rows], part, noise, sigma, scale, mode, rank, name, m)
+            _member_term(x[rows], part, noise, sigma, scale, name, m)
             out.index_add_(0, rows, part)
     return out
+
+
+def _lowrank_terms(x: torch.Tensor, out: torch.Tensor, layout: _Layout, noise: NoiseSpec, coeff: float, rank: int,
+                   name: str) -> None:
+    """out += (X_m B_m)(coeff·sign_m·A_m)ᵀ for every member, with the step's stacked (transposed) factors.
+
+    Equal runs (the engine's decode steps) go as two batched matmuls over a free [M, C, in] view;
+    other layouts member by member, on a row slice (sorted rows) or gathered rows (unsorted).
+    """
+    num, out_f, in_f = len(layout.members), out.shape[1], x.shape[1]
+    a_t, b_t = member_noise.stacked_lowrank(noise, name, tuple(layout.members), out_f, in_f, rank, x.device,
+                                            coeff)  # [M, r, out] signed and scaled, [M, r, in]
+    if layout.equal:
+        xs = x.view(num, -1, in_f).float()
+        if out.dtype == torch.float32:  # added in place: one pass over Y instead of three
+            out.view(num, -1, out_f).baddbmm_(torch.bmm(xs, b_t.transpose(1, 2)), a_t)
+        else:
+            out.view(num, -1, out_f).add_(torch.bmm(torch.bmm(xs, b_t.transpose(1, 2)), a_t).to(out.dtype))
+        return
+    for i, rows in enumerate(layout.rows):
+        part = out[rows[0] : rows[1]] if isinstance(rows, tuple) else \
+            torch.zeros(rows.numel(), out_f, dtype=out.dtype, device=out.device)
+        xm = x[rows[0] : rows[1]] if isinstance(rows, tuple) else x[rows]
+        h = torch.mm(xm.float(), b_t[i].t())
+        if out.dtype == torch.float32:
+            part.addmm_(h, a_t[i])
+        else:
+            part.add_(torch.mm(h, a_t[i]).to(out.dtype))
+        if not isinstance(rows, tuple):
+            out.index_add_(0, rows, part)
 
 
 def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
