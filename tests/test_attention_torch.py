@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from fastes import _backend
-from fastes.ops.attention import paged_attention, paged_attention_cpp, paged_attention_ref, paged_attention_torch
+from fastes.ops.attention import (
+    paged_attention,
+    paged_attention_cpp,
+    paged_attention_ref,
+    paged_attention_torch,
+    write_kv,
+    write_kv_ref,
+    write_kv_torch,
+)
 
 
 def make_case(rng: torch.Generator, q_lens: list[int], ctx: list[int], block_size: int, q_heads: int, kv_heads: int,
@@ -89,3 +97,23 @@ def test_cpp_kernel_independent_of_threads(rng):
     ext = _backend.extension()
     outs = [ext.paged_attention(q, k, v, cu, lens, tables, 0.2, torch.empty_like(q), 0, t) for t in (1, 2, 3)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cpu_kv_write_matches_reference(rng, dtype, padded):
+    """The index-copy write lands every row in the same slot as the reference scatter, skips −1, and
+    leaves every other slot alone (bf16: the cast to the cache dtype happens on the way in)."""
+    k_cache = torch.randn(6, 4, 2, 8, generator=rng).to(dtype)
+    v_cache = torch.randn(6, 4, 2, 8, generator=rng).to(dtype)
+    slots = torch.randperm(24, generator=rng)[:9].to(torch.int32)
+    if padded:
+        slots[[0, 5]] = -1
+    k, v = torch.randn(9, 2, 8, generator=rng), torch.randn(9, 2, 8, generator=rng)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k, v, k_ref, v_ref, slots)
+    for write in (write_kv_torch, write_kv):
+        k_got, v_got = k_cache.clone(), v_cache.clone()
+        write(k, v, k_got, v_got, slots)
+        assert torch.equal(k_got, k_ref) and torch.equal(v_got, v_ref)
+    assert not torch.equal(k_ref, k_cache)

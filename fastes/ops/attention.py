@@ -12,7 +12,7 @@ sequence s sits at position p = seq_lens[s] − q_len_s + i and attends causally
 positions 0..p (and only to p − window < pos when ``sliding_window`` is set). GQA:
 query head h reads kv head h // (q_heads // kv_heads). Decode is q_len = 1.
 
-This file holds the torch reference (a per-sequence loop: the oracle), the launcher of the
+This file holds the torch reference (a per-sequence loop: the oracle), the CPU KV write, the launcher of the
 C++ kernel (csrc/attention_cpu.cpp, the CPU backend for float32), a vectorized torch path
 (the CPU fallback: other dtypes, or no extension) and the dispatchers; the Triton kernels live
 beside them in attention_triton.py (CUDA, and the interpreter in tests).
@@ -37,6 +37,24 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     blocks, offsets = slots // block_size, slots % block_size
     k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
     v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+
+
+def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """The CPU write: ``index_copy_`` into the cache viewed as [slots, kv_heads, head_dim].
+
+    One copy per tensor instead of the reference's block/offset split and two advanced-index
+    assignments; the −1 slots (padding) are filtered only when present.
+    """
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):
+        valid = slots >= 0
+        slots, k, v = slots[valid], k[valid], v[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -134,13 +152,16 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seq
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, backend: str = "auto") -> None:
-    """Write K/V of the new tokens into the paged cache (Triton, else the torch scatter)."""
-    if choose(backend, BACKENDS, k) == "triton":
+    """Write K/V of the new tokens into the paged cache (Triton; the reference; else the CPU index copy)."""
+    chosen = choose(backend, BACKENDS, k)
+    if chosen == "triton":
         from fastes.ops.attention_triton import write_kv_triton
 
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
+    elif chosen == "reference" or k.is_cuda:
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
