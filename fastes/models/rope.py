@@ -1,7 +1,7 @@
 """Rotary position embeddings: inverse frequencies per rope type, and their application.
 
-Frequencies are computed in float64 and stored as float32 once per model; cos/sin are
-built per forward from the packed positions, so any mix of prefill and decode rows works.
+Frequencies are computed in float64 and stored as float32 once per model; cos/sin tables are
+built once per forward (shared by every layer) from the packed positions, so any mix of prefill and decode rows works.
 The "half-split" layout is used: dims [0, D/2) pair with [D/2, D).
 A model may have two ropes: Gemma 3's sliding-window (local) layers use their own base
 (``ModelConfig.local_rope_*``), its global layers the main one with its scaling.
@@ -50,18 +50,23 @@ def _llama3(freq: torch.Tensor, factor: float, low: float, high: float, original
 
 
 def rope_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), float32 [T, D/2], for integer positions [T]."""
+    """Full-width tables (cos, signed sin), float32 [T, 1, D], for integer positions [T]: built once per forward.
+
+    cos is [cos θ, cos θ] and sin [−sin θ, sin θ] over the two halves, so that ``apply_rope`` is
+    x·cos + swap_halves(x)·sin: two products and one sum instead of four, a subtraction and a concat
+    (x1·c + x2·(−s) is bitwise x1·c − x2·s).
+    """
     angles = positions.to(torch.float32).unsqueeze(1) * freq.to(positions.device).unsqueeze(0)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by the per-row angles; computed in fp32, returned in x's dtype."""
+    """Rotate x [T, heads, D] by the per-row angles (tables of ``rope_cos_sin``); fp32 math, x's dtype out."""
     half = x.shape[-1] // 2
     xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    swapped = torch.cat((xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos).add_(swapped.mul_(sin)).to(x.dtype)
 
 
 __all__ = ["inv_freq", "rope_cos_sin", "apply_rope"]
