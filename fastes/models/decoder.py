@@ -70,12 +70,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     with one (Gemma) everything stays fp32 until the end, since 1 + w rounded to bf16 loses w.
     """
     xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     if weight.dim() == 2 and x.dim() == 3:
         weight = weight.unsqueeze(1)
     if offset:
         return (normed * (weight.float() + offset)).to(x.dtype)
-    return weight * normed.to(x.dtype)
+    normed = normed.to(x.dtype)
+    if weight.dtype == x.dtype:  # normed is a fresh tensor of x's shape: scale it in place (w·n is n·w)
+        return normed.mul_(weight)
+    return weight * normed
 
 
 class CausalLM:
@@ -183,15 +186,18 @@ class CausalLM:
             cos, sin = local_rope if cfg.sliding_window(layer) is not None else rope
             x = self._norm(h, p + "input_layernorm.weight", rows, pert)
             a = self._attention(x, layer, cos, sin, attn, kv_caches[layer], rows, pert)
+            # the first add makes h this forward's own tensor (the embedding's output may alias a parameter);
+            # every later residual add goes in place
             if cfg.sandwich_norm:  # Gemma: normalize each branch's output before the residual add
-                h = h + self._norm(a, p + "post_attention_layernorm.weight", rows, pert)
+                a = self._norm(a, p + "post_attention_layernorm.weight", rows, pert)
+                h = h + a if layer == 0 else h.add_(a)
                 x = self._norm(h, p + "pre_feedforward_layernorm.weight", rows, pert)
-                h = h + self._norm(self._mlp(x, p + "mlp.", rows, pert), p + "post_feedforward_layernorm.weight",
-                                   rows, pert)
+                h.add_(self._norm(self._mlp(x, p + "mlp.", rows, pert), p + "post_feedforward_layernorm.weight",
+                                  rows, pert))
             else:
-                h = h + a
+                h = h + a if layer == 0 else h.add_(a)
                 x = self._norm(h, p + "post_attention_layernorm.weight", rows, pert)
-                h = h + self._mlp(x, p + "mlp.", rows, pert)
+                h.add_(self._mlp(x, p + "mlp.", rows, pert))
         return h
 
     @torch.no_grad()
@@ -277,8 +283,9 @@ class CausalLM:
     def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
         gate = self._linear(x, prefix + "gate_proj.", rows, pert)
         up = self._linear(x, prefix + "up_proj.", rows, pert)
-        act = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_pytorch_tanh" else F.silu(gate)
-        return self._linear(act * up, prefix + "down_proj.", rows, pert)
+        # gate is this call's own fresh output: activate and gate it in place (no [T, intermediate] temporaries)
+        act = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_pytorch_tanh" else F.silu(gate, True)
+        return self._linear(act.mul_(up), prefix + "down_proj.", rows, pert)
 
 
 __all__ = ["CausalLM", "rms_norm", "KVCaches"]
