@@ -93,16 +93,21 @@ def test_cublas_base_and_strided_input(rng):
     assert_close(out, perturbed_linear_ref(*args), torch.float32)
 
 
-@pytest.mark.parametrize("layout", ["shuffled", "sorted", "equal-runs"])
+@pytest.mark.parametrize("layout", ["shuffled", "sorted", "equal-runs", "unequal-runs", "sparse-runs"])
 @pytest.mark.parametrize("mode,kind,dtype", [("lowrank", "gaussian", torch.float32),
                                              ("full", "rademacher", torch.float32),
                                              ("lowrank", "rademacher", torch.bfloat16)])
 def test_cpu_path_matches_reference(rng, mode, kind, dtype, layout):
-    """The CPU path's three layouts: a padded gather (shuffled rows), one slice per member (sorted runs of
-    any length, -1 rows among them) and batched matmuls over a view (equal runs covering every row)."""
+    """The CPU path's layouts: batched matmuls over rows gathered into [M, Cmax] (shuffled rows, sorted runs
+    with -1 rows among them, unequal runs covering every row), over a view (equal runs covering every row),
+    and member by member when padding would more than double the rows (sparse runs)."""
     x, w, b, rm = make(rng, 30, 33, 65, 5, dtype=dtype, ordered=layout != "shuffled")
     if layout == "equal-runs":
         rm = torch.tensor([3, 0, 4]).repeat_interleave(10)
+    if layout == "unequal-runs":
+        rm = torch.tensor([3, 0, 4]).repeat_interleave(torch.tensor([12, 9, 9]))
+    if layout == "sparse-runs":
+        rm = torch.tensor([1, 0, 2]).repeat_interleave(torch.tensor([25, 2, 3]))
     args = (x, w, b, rm, spec(kind, True, rng), 0.3, 1.3, mode, 2, NAME)
     assert_close(perturbed_linear(*args, backend="cpu"), perturbed_linear_ref(*args), dtype)
 

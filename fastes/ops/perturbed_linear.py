@@ -48,12 +48,34 @@ class _Layout:
 
     ``rows`` holds, per member, a (start, end) slice when every member's rows form one contiguous
     run (the engine sorts rows by member), else a tensor of row indices. ``equal``: contiguous
-    runs of one length covering every row, so x is a free [M, C, in] view.
+    runs of one length covering every row, so x is a free [M, C, in] view. ``padded``: for unequal
+    runs, (gather [M·Cmax] row of each padded slot, where [R] slot of each member row, rows [R] or
+    None when they are all rows in order), set when padding to the longest run at most doubles the rows.
     """
 
     members: list[int]
     rows: list[tuple[int, int] | torch.Tensor]
     equal: bool = False
+    padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+
+def _padding(rows: list[tuple[int, int] | torch.Tensor], total: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Indices that lay the members' rows out as [M, Cmax] (pad slots read row 0), or None if too sparse."""
+    idx = [torch.arange(r[0], r[1]) if isinstance(r, tuple) else r.cpu() for r in rows]
+    longest = max(i.numel() for i in idx)
+    count = sum(i.numel() for i in idx)
+    if longest * len(idx) > 2 * count:
+        return None
+    gather = torch.zeros(len(idx), longest, dtype=torch.long)
+    where = []
+    for j, i in enumerate(idx):
+        gather[j, : i.numel()] = i
+        where.append(torch.arange(i.numel()) + j * longest)
+    member_rows = torch.cat(idx)
+    covering = count == total and bool((member_rows == torch.arange(total)).all())
+    return (gather.view(-1).to(device), torch.cat(where).to(device),
+            None if covering else member_rows.to(device))
 
 
 def _layout(row_member: torch.Tensor) -> _Layout:
@@ -66,9 +88,12 @@ def _layout(row_member: torch.Tensor) -> _Layout:
     runs = [(int(m), s, e) for m, s, e in zip(run_members, starts, ends, strict=True) if m >= 0]
     if len({m for m, _, _ in runs}) == len(runs):
         equal = len(runs) == len(starts) and len({e - s for _, s, e in runs}) == 1
-        return _Layout([m for m, _, _ in runs], [(s, e) for _, s, e in runs], equal)
+        rows: list[tuple[int, int] | torch.Tensor] = [(s, e) for _, s, e in runs]
+        padded = None if equal or not runs else _padding(rows, total, row_member.device)
+        return _Layout([m for m, _, _ in runs], rows, equal, padded)
     members = members_present(row_member)
-    return _Layout(members, [(row_member == m).nonzero().squeeze(1) for m in members])
+    rows = [(row_member == m).nonzero().squeeze(1) for m in members]
+    return _Layout(members, rows, False, _padding(rows, total, row_member.device) if rows else None)
 
 
 _layouts = TensorMemo()  # of the forward's row_member: every linear shares it
@@ -122,6 +147,7 @@ def _lowrank_terms(x: torch.Tensor, out: torch.Tensor, layout: _Layout, noise: N
     """out += (X_m B_m)(coeff·sign_m·A_m)ᵀ for every member, with the step's stacked (transposed) factors.
 
     Equal runs (the engine's decode steps) go as two batched matmuls over a free [M, C, in] view;
+    unequal ones as the same two over rows gathered into [M, Cmax, in] (padding at most doubling them);
     other layouts member by member, on a row slice (sorted rows) or gathered rows (unsorted).
     """
     num, out_f, in_f = len(layout.members), out.shape[1], x.shape[1]
@@ -133,6 +159,16 @@ def _lowrank_terms(x: torch.Tensor, out: torch.Tensor, layout: _Layout, noise: N
             out.view(num, -1, out_f).baddbmm_(torch.bmm(xs, b_t.transpose(1, 2)), a_t)
         else:
             out.view(num, -1, out_f).add_(torch.bmm(torch.bmm(xs, b_t.transpose(1, 2)), a_t).to(out.dtype))
+        return
+    if layout.padded is not None:  # unequal runs (decode after some sequences ended): 5 ops, not 3 per member
+        gather, where, member_rows = layout.padded
+        xs = x.index_select(0, gather).view(num, -1, in_f).float()
+        term = torch.bmm(torch.bmm(xs, b_t.transpose(1, 2)), a_t).view(-1, out_f).index_select(0, where)
+        term = term.to(out.dtype)
+        if member_rows is None:
+            out.add_(term)
+        else:
+            out.index_add_(0, member_rows, term)
         return
     for i, rows in enumerate(layout.rows):
         part = out[rows[0] : rows[1]] if isinstance(rows, tuple) else \
