@@ -127,9 +127,12 @@ def stacked_lowrank(spec: NoiseSpec, name: str, members: tuple[int, ...], out_fe
     """
 
     def make() -> torch.Tensor:
-        factors = [lowrank_factors(spec, name, m, out_features, in_features, rank, device) for m in members]
-        a = torch.stack([f[0].t() * (f[2] * scale) for f in factors])
-        b = torch.stack([f[1].t() for f in factors])
+        # every member's stream in one fill (the rows lowrank_factors reads one at a time), then transposed
+        pairs = [spec.member(m) for m in members]
+        flat = stream_tensors(spec, name, [i for i, _ in pairs], (in_features + out_features) * rank, 0, device)
+        signs = torch.tensor([s * scale for _, s in pairs], dtype=torch.float32, device=flat.device)
+        a = flat[:, in_features * rank :].view(len(members), out_features, rank).transpose(1, 2) * signs.view(-1, 1, 1)
+        b = flat[:, : in_features * rank].view(len(members), in_features, rank).transpose(1, 2)
         return torch.cat([a.reshape(len(members), -1), b.reshape(len(members), -1)], dim=1)
 
     key = ("stacked-lowrank-t", spec.seed, spec.step, spec.kind, spec.antithetic, name, members, out_features,
