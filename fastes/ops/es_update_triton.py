@@ -64,66 +64,58 @@ _SCALARS = ["num_idx", "k0", "k1", "tid", "sr_tid", "sr_idx", "step"]
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=_SCALARS)
-def _lowrank_kernel(w_ptr, idx_ptr, coef_ptr, out_f, in_f, num_idx, k0, k1, tid, sr_tid, sr_idx, step,
-                    R: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    KIND: tl.constexpr, BLOCKGEN: tl.constexpr, SR_ALIGNED: tl.constexpr,
-                    OUT: tl.constexpr, PRECISION: tl.constexpr):
-    KCK: tl.constexpr = KC // R  # noise indices per chunk (BLOCKGEN: KC is a multiple of R)
+@triton.jit(do_not_specialize=["num_idx", "k0", "k1", "tid", "step"])
+def _lowrank_factors_kernel(f_ptr, idx_ptr, coef_ptr, out_f, in_f, num_idx, k0, k1, tid, step, R: tl.constexpr,
+                            GROUPS: tl.constexpr, PER: tl.constexpr, KIND: tl.constexpr):
+    """F[k·R + j, p] = stream_k[p·R + j] (× c_k where p >= in, the A half), p < in + out: grid (chunks, K).
+
+    Each program generates GROUPS whole Philox blocks (Gaussian) or words (Rademacher) of one index's
+    stream from element 0, so every value is generated once and block-wise whatever the shape.
+    """
+    k = tl.program_id(1)
+    index = tl.load(idx_ptr + k)
+    coef = tl.load(coef_ptr + k)
+    g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    if KIND == 0:
+        vals = philox.gaussian_blocks_flat(g, k0, k1, tid, index, step)
+    else:
+        vals = philox.rademacher_words_flat(g, k0, k1, tid, index, step)
+    # int32 addressing: the launcher checks K·r·(in + out) < 2**31
+    e = tl.program_id(0) * (GROUPS * PER) + tl.arange(0, GROUPS * PER)
+    p = e // R
+    ld = in_f + out_f
+    vals = tl.where(p >= in_f, vals * coef, vals)  # A's columns carry lr·s·c_k/√r, in fp32 as the GEMM's input
+    tl.store(f_ptr + (k * R + e % R) * ld + p, vals, mask=p < ld)
+
+
+@triton.jit(do_not_specialize=["kr", "k0", "k1", "sr_tid", "sr_idx", "step"])
+def _lowrank_kernel(w_ptr, f_ptr, out_f, in_f, kr, k0, k1, sr_tid, sr_idx, step, KC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, SR_ALIGNED: tl.constexpr, OUT: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """W tile += A_c[BM, K·r] · Bᵀ[K·r, BN] from the factor workspace F (L2-resident), then rounded."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     # out_f / in_f stay int32 (maybe constexpr 1 when specialized); int64 rows/cols promote the products
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     # Tile addressing in int32 from an int64 tile base (int64 per element costs ~2 registers each).
-    local = tl.arange(0, BM)[:, None] * in_f + (pid_n.to(tl.int32) * BN + tl.arange(0, BN))[None, :]
+    rows32 = pid_m.to(tl.int32) * BM + tl.arange(0, BM)
+    cols32 = pid_n.to(tl.int32) * BN + tl.arange(0, BN)
+    local = tl.arange(0, BM)[:, None] * in_f + cols32[None, :]
     tile = w_ptr + pid_m * BM * in_f
     mask = (rows[:, None] < out_f) & (cols[None, :] < in_f)
-    # Issue the W read first: its latency hides behind the noise generation of the K loop.
-    w = tl.load(tile + local, mask=mask, other=0.0)
+    w = tl.load(tile + local, mask=mask, other=0.0)  # issued first: the factor loads and the GEMM hide behind it
+    ld = in_f + out_f
+    ld64 = ld.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kc in range(0, num_idx * R, KC):
-        if BLOCKGEN:
-            kk = kc // R + tl.arange(0, KCK)
-            kmask = kk < num_idx
-            idx = tl.load(idx_ptr + kk, mask=kmask, other=0)
-            coef = tl.load(coef_ptr + kk, mask=kmask, other=0.0)
-            # A_k rows pid_m*BM.. are stream elements in*R + (pid_m*BM)*R + [0, BM*R); B_k rows pid_n*BN..
-            # are (pid_n*BN)*R + [0, BN*R): 4-aligned (Gaussian blocks) resp. 32-aligned (Rademacher words).
-            if KIND == 0:
-                ba = (in_f * R + pid_m * (BM * R)) // 4 + tl.arange(0, BM * R // 4)
-                ba2 = tl.broadcast_to(ba[None, :], (KCK, BM * R // 4))
-                ia2 = tl.broadcast_to(idx[:, None], (KCK, BM * R // 4))
-                g0, g1, g2, g3 = philox.gaussian_block(ba2, k0, k1, tid, ia2, step)
-                fa = _flat4(g0, g1, g2, g3) * coef[:, None]  # [KCK, BM*R]
-                bb = (pid_n * (BN * R)) // 4 + tl.arange(0, BN * R // 4)
-                bb2 = tl.broadcast_to(bb[None, :], (KCK, BN * R // 4))
-                ib2 = tl.broadcast_to(idx[:, None], (KCK, BN * R // 4))
-                h0, h1, h2, h3 = philox.gaussian_block(bb2, k0, k1, tid, ib2, step)
-                fb = _flat4(h0, h1, h2, h3)  # [KCK, BN*R]
-            else:
-                wa = (in_f * R + pid_m * (BM * R)) // 32 + tl.arange(0, BM * R // 32)
-                wa2 = tl.broadcast_to(wa[None, :], (KCK, BM * R // 32))
-                fa = philox.rademacher_words_2d(wa2, k0, k1, tid, idx[:, None], step) * coef[:, None]
-                wb = (pid_n * (BN * R)) // 32 + tl.arange(0, BN * R // 32)
-                wb2 = tl.broadcast_to(wb[None, :], (KCK, BN * R // 32))
-                fb = philox.rademacher_words_2d(wb2, k0, k1, tid, idx[:, None], step)
-            a = tl.reshape(tl.permute(tl.reshape(fa, (KCK, BM, R)), (1, 0, 2)), (BM, KC))
-            bt = tl.reshape(tl.permute(tl.reshape(fb, (KCK, BN, R)), (0, 2, 1)), (KC, BN))
-        else:
-            c = kc + tl.arange(0, KC)
-            k = c // R
-            j = (c % R).to(tl.int64)
-            kmask = k < num_idx
-            idx = tl.load(idx_ptr + k, mask=kmask, other=0)
-            coef = tl.load(coef_ptr + k, mask=kmask, other=0.0)
-            ea = in_f * R + rows[:, None] * R + j[None, :]
-            ia = tl.broadcast_to(idx[None, :], (BM, KC))
-            a = philox.noise_at(ea, k0, k1, tid, ia, step, KIND) * coef[None, :]
-            eb = cols[None, :] * R + j[:, None]
-            ib = tl.broadcast_to(idx[:, None], (KC, BN))
-            bt = philox.noise_at(eb, k0, k1, tid, ib, step, KIND)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+    for kc in range(0, kr, KC):  # columns (index, j) in index order; those past K·r load as zeros (dot padding)
+        fk = f_ptr + kc * ld64
+        c = kc + tl.arange(0, KC)
+        at = tl.load(fk + tl.arange(0, KC)[:, None] * ld + (in_f + rows32)[None, :],
+                     mask=(c[:, None] < kr) & (rows32[None, :] < out_f), other=0.0)
+        bt = tl.load(fk + tl.arange(0, KC)[:, None] * ld + cols32[None, :],
+                     mask=(c[:, None] < kr) & (cols32[None, :] < in_f), other=0.0)
+        acc = tl.dot(tl.trans(at), bt, acc, input_precision=PRECISION)
     v = w.to(tl.float32) + acc
     if OUT == 0:
         words = tl.zeros((BM, BN), dtype=tl.uint32)
@@ -174,24 +166,29 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _config(lowrank: bool, numel: int, columns: int, blockgen: bool = True) -> dict[str, int]:
+def _config(lowrank: bool, numel: int, columns: int) -> dict[str, int]:
     """One fixed config per path: the interpreter cannot autotune, and it pays per executed op, not
-    per element, so there it takes wide chunks (many indices per loop trip, small tiles for small W).
+    per element, so there it takes wide chunks (many columns per loop trip, small tiles for small W).
 
-    ``columns`` is K·r (lowrank) or K (full). On a GPU the lowrank tile is 64 × 64 at 4 warps for
-    block-wise factors (Gaussian blocks or Rademacher words): 2 CTAs/SM on sm_90 (64 × 128 at 8 warps:
-    1 CTA/SM); the element-wise path (odd ranks, unaligned shapes) spills at 64 × 64 and keeps 64 × 128.
-    Still spilling on Triton 3.6: fp32 weights with Rademacher factors, 72 B (64 × 128: 56 B).
+    ``columns`` is K·r (lowrank) or K (full). On a GPU the lowrank update tile is BM × BN at 4 warps
+    with KC = 16 factor columns per ``tl.dot`` (the tf32 MMA's K, padded with zeros past K·r).
     """
     if _backend.triton_interpreted():
         if lowrank:
             return {"BM": 32, "BN": 32, "KC": min(max(16, _next_pow2(columns)), 256), "num_warps": 4}
         return {"BLOCK": min(max(128, _next_pow2(numel)), 4096), "KB": min(_next_pow2(columns), 64), "num_warps": 4}
-    if lowrank:  # 64 rows: the [BM, BN/4] rounding-bit Philox states must fit beside the fp32 accumulator
-        if blockgen:
-            return {"BM": 64, "BN": 64, "KC": 16, "num_warps": 4}
-        return {"BM": 64, "BN": 128, "KC": 16, "num_warps": 8}
+    if lowrank:  # one stage: the K loop is one trip at K·r <= 16 and its loads hit L2 (F is small)
+        return {"BM": 64, "BN": 64, "KC": 16, "num_warps": 4, "num_stages": 1}
     return {"BLOCK": 1024, "KB": 1, "num_warps": 4}
+
+
+def _factor_values_per_program(kind: str, length: int) -> int:
+    """Stream values per factor program: 2048 on a GPU (as the noise fill: no spills on sm_90, 4 warps);
+    under the interpreter one program per stream when it fits (it pays per program)."""
+    per = 4 if kind == "gaussian" else 32
+    if _backend.triton_interpreted():
+        return min(max(per, _next_pow2(length)), 8192 if kind == "gaussian" else 32768)
+    return 2048
 
 
 def es_update_triton(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: float, scale: float,
@@ -232,19 +229,32 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
                 sr_idx=as_i32(SR_NOISE_INDEX), KIND=KIND_INT[noise.kind], OUT=OUT_CODES[weight.dtype])
     if lowrank:
         out_f, in_f = weight.shape
-        per = 4 if noise.kind == "gaussian" else 32  # stream values per Philox block resp. word
-        blockgen = rank & (rank - 1) == 0 and (in_f * rank) % per == 0
-        cfg = _config(True, weight.numel(), len(folded) * rank, blockgen)
+        kr, length = len(folded) * rank, (in_f + out_f) * rank
+        cfg = _config(True, weight.numel(), kr)
         bm, bn = block_m or cfg["BM"], block_n or cfg["BN"]
         for value, arg in ((bm, "block_m"), (bn, "block_n")):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{arg} must be a power of two >= 16, got {value}")
-        blockgen = blockgen and (bm * rank) % per == 0 and (bn * rank) % per == 0
-        kc = max(cfg["KC"], rank) if blockgen else cfg["KC"]
+        if kr * (in_f + out_f) >= 1 << 31:
+            raise ValueError("K·r·(in + out) >= 2**31: the factor workspace is beyond int32 addressing")
+        # F [K·r, in + out] fp32: Bᵀ in columns 0..in-1, the coefficient-scaled Aᵀ after them (module docstring)
+        factors = torch.empty((kr, in_f + out_f), dtype=torch.float32, device=weight.device)
+        values = _factor_values_per_program(noise.kind, length)
+        per = 4 if noise.kind == "gaussian" else 32
+        fgrid = (triton.cdiv(length, values), len(folded))
         grid = (triton.cdiv(out_f, bm), triton.cdiv(in_f, bn))
-        return lambda: _lowrank_kernel[grid](weight, idx, coef, out_f, in_f, len(folded), **args, R=rank, KC=kc,
-                                             BM=bm, BN=bn, BLOCKGEN=blockgen, SR_ALIGNED=in_f % 4 == 0,
-                                             PRECISION=precision, num_warps=num_warps or cfg["num_warps"])
+        key = args.pop("tid")
+        kind = args.pop("KIND")
+
+        def launch() -> None:
+            _lowrank_factors_kernel[fgrid](factors, idx, coef, out_f, in_f, len(folded), args["k0"], args["k1"], key,
+                                           args["step"], R=rank, GROUPS=values // per, PER=per, KIND=kind,
+                                           num_warps=4)
+            _lowrank_kernel[grid](weight, factors, out_f, in_f, kr, **args, KC=cfg["KC"], BM=bm, BN=bn,
+                                  SR_ALIGNED=in_f % 4 == 0, PRECISION=precision,
+                                  num_warps=num_warps or cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+
+        return launch
     cfg = _config(False, weight.numel(), len(folded))
     size = block or cfg["BLOCK"]
     if size < 128 or size & (size - 1):
