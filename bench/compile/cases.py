@@ -40,7 +40,7 @@ DEVICE_CHECKS = {
 # Kernels whose spills fail the gate (issue 15: GEMMs, shrink/expand, attention, update, noise).
 HOT_KERNELS = frozenset({
     "_gemm_kernel", "_shrink_kernel", "_expand_kernel", "_epilogue_kernel", "_prefill_kernel", "_decode_kernel",
-    "_lowrank_kernel", "_full_kernel", "_noise_fill_kernel", "_full_gemm_kernel",
+    "_lowrank_kernel", "_lowrank_factors_kernel", "_full_kernel", "_noise_fill_kernel", "_full_gemm_kernel",
 })
 
 
