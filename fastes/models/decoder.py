@@ -37,7 +37,7 @@ from fastes.models.rope import apply_rope, inv_freq, rope_cos_sin
 from fastes.ops.attention import paged_attention, write_kv
 from fastes.ops.lora_linear import lora_linear
 from fastes.ops.perturbed_embedding import perturbed_embedding
-from fastes.ops.perturbed_linear import perturbed_linear
+from fastes.ops.perturbed_linear import perturbed_linear, perturbed_linear_group
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -262,14 +262,30 @@ class CausalLM:
             y = y + rows.vector(bias, bname, pert)  # type: ignore[arg-type]
         return y
 
+    def _linears(self, x: torch.Tensor, prefixes: Sequence[str], rows: _Rows,
+                 pert: Perturbation | None) -> list[torch.Tensor]:
+        """``_linear`` of projections that read the same x (q/k/v, gate/up). When every one has 2-D noise and
+        none has LoRA or bias noise, one grouped op: on Triton lowrank one shrink launch serves them all."""
+        wnames = [p + "weight" for p in prefixes]
+        args = [self._op_args(w, 2, "matrix", pert) for w in wnames]
+        if (pert is None or rows.member is None or any(a["noise"] is None for a in args)
+                or any(w in self.lora for w in wnames)
+                or any(p + "bias" in self.params and pert.perturbs(p + "bias", 1, "bias") for p in prefixes)):
+            return [self._linear(x, p, rows, pert) for p in prefixes]
+        scales = [float(a["scale"]) for a in args]  # type: ignore[arg-type]
+        biases = [self.params.get(p + "bias") for p in prefixes]
+        return perturbed_linear_group(x, [self.params[w] for w in wnames], biases, wnames, rows.member, pert.noise,
+                                      pert.sigma, scales, pert.mode, pert.rank, pert.num_members, pert.backend)
+
     def _attention(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
                    kv: tuple[torch.Tensor, torch.Tensor], rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
         cfg = self.config
         p = f"model.layers.{layer}.self_attn."
         tokens = x.shape[0]
-        q = self._linear(x, p + "q_proj.", rows, pert).view(tokens, cfg.num_heads, cfg.head_dim)
-        k = self._linear(x, p + "k_proj.", rows, pert).view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = self._linear(x, p + "v_proj.", rows, pert).view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._linears(x, [p + "q_proj.", p + "k_proj.", p + "v_proj."], rows, pert)
+        q = q.view(tokens, cfg.num_heads, cfg.head_dim)
+        k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = self._norm(q, p + "q_norm.weight", rows, pert)
             k = self._norm(k, p + "k_norm.weight", rows, pert)
@@ -281,8 +297,7 @@ class CausalLM:
         return self._linear(out.reshape(tokens, cfg.q_size), p + "o_proj.", rows, pert)
 
     def _mlp(self, x: torch.Tensor, prefix: str, rows: _Rows, pert: Perturbation | None) -> torch.Tensor:
-        gate = self._linear(x, prefix + "gate_proj.", rows, pert)
-        up = self._linear(x, prefix + "up_proj.", rows, pert)
+        gate, up = self._linears(x, [prefix + "gate_proj.", prefix + "up_proj."], rows, pert)
         # gate is this call's own fresh output: activate and gate it in place (no [T, intermediate] temporaries)
         act = F.gelu(gate, approximate="tanh") if self.config.hidden_act == "gelu_pytorch_tanh" else F.silu(gate, True)
         return self._linear(act.mul_(up), prefix + "down_proj.", rows, pert)

@@ -9,6 +9,7 @@ Triton path (CUDA, and the interpreter in tests): noise generated inside the ker
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,58 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     when given, bounds the member ids. ``backend``: auto (Triton on CUDA, torch+C++ on CPU),
     reference, cpu or triton.
     """
+    _check_args(x, weight, bias, row_member, noise, sigma, mode, rank, num_members)
+    chosen = choose(backend, BACKENDS, x)
+    args = (x, weight, bias, row_member, noise, sigma, scale, mode, rank, name)
+    if chosen == "reference":
+        return perturbed_linear_ref(*args)
+    if chosen == "triton":
+        from fastes.ops.perturbed_linear_triton import perturbed_linear_triton
+
+        return perturbed_linear_triton(*args)
+    return _perturbed_linear_cpu(*args)
+
+
+def perturbed_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                           names: Sequence[str], row_member: torch.Tensor | None = None,
+                           noise: NoiseSpec | None = None, sigma: float = 0.0, scales: Sequence[float] | None = None,
+                           mode: str = "lowrank", rank: int = 1, num_members: int | None = None,
+                           backend: str = "auto") -> list[torch.Tensor]:
+    """``perturbed_linear`` of several weights that read the same x (q/k/v, gate/up): one output per weight.
+
+    Triton lowrank: one shrink launch H = x·B_m serves up to 3 weights (docs/design.md, "Kernels on an H100,
+    before any GPU"), then each weight's GEMM with its H; every other case is one call per weight, so
+    results are those of ``perturbed_linear`` (bitwise on the torch and reference backends and, as the
+    launch tiles depend on the shapes only, on Triton too). ``scales``: s of each weight (default 1).
+    """
+    scales = [1.0] * len(weights) if scales is None else list(scales)
+    if not len(weights) == len(biases) == len(names) == len(scales) or not weights:
+        raise ValueError(f"perturbed_linear_group needs one bias, name and scale per weight, got {len(weights)} "
+                         f"weights, {len(biases)} biases, {len(names)} names, {len(scales)} scales")
+    chosen = choose(backend, BACKENDS, x)
+    if chosen != "triton" or mode != "lowrank":
+        return [perturbed_linear(x, w, b, row_member, noise, sigma, s, mode, rank, n, num_members, chosen)
+                for w, b, s, n in zip(weights, biases, scales, names, strict=True)]
+    for w, b in zip(weights, biases, strict=True):
+        _check_args(x, w, b, row_member, noise, sigma, mode, rank, num_members)
+    from fastes.ops.perturbed_linear_triton import lowrank_shrink, perturbed_linear_triton
+
+    if noise is None or row_member is None or sigma == 0 or x.shape[0] == 0:
+        return [perturbed_linear_triton(x, w, b, row_member, noise, sigma, s, mode, rank, n)
+                for w, b, s, n in zip(weights, biases, scales, names, strict=True)]
+    outs = []
+    for c in range(0, len(weights), 3):  # the shrink kernel takes up to 3 names
+        part = range(c, min(c + 3, len(weights)))
+        h, splits = lowrank_shrink(x, row_member, noise, [names[i] for i in part],
+                                   [float(sigma * scales[i] / math.sqrt(rank)) for i in part], rank)
+        outs += [perturbed_linear_triton(x, weights[i], biases[i], row_member, noise, sigma, scales[i], mode, rank,
+                                         names[i], shrunk=(h[g], splits)) for g, i in enumerate(part)]
+    return outs
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_member: torch.Tensor | None,
+                noise: NoiseSpec | None, sigma: float, mode: str, rank: int, num_members: int | None) -> None:
+    """One-line errors for bad inputs of ``perturbed_linear`` (one weight)."""
     check_tensor(x, "x", 2)
     check_tensor(weight, "weight", 2)
     check_same(x, weight, "x", "weight")
@@ -207,12 +260,3 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     check_noise_args(noise, sigma, mode, rank, weight.shape[0], weight.shape[1])
     if mode not in ("lowrank", "full"):
         raise ValueError(f"mode must be 'lowrank' or 'full' for perturbed_linear, got {mode!r}")
-    chosen = choose(backend, BACKENDS, x)
-    args = (x, weight, bias, row_member, noise, sigma, scale, mode, rank, name)
-    if chosen == "reference":
-        return perturbed_linear_ref(*args)
-    if chosen == "triton":
-        from fastes.ops.perturbed_linear_triton import perturbed_linear_triton
-
-        return perturbed_linear_triton(*args)
-    return _perturbed_linear_cpu(*args)

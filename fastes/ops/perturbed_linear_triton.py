@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from fastes import _backend
-from fastes.noise import KIND_INT, NoiseSpec, tensor_id
+from fastes.noise import KIND_INT, NoiseSpec, as_i32, tensor_id
 from fastes.ops._triton import KEY_ARGS, key_args, philox, tl, triton  # None without Triton
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
 
@@ -155,19 +155,31 @@ if triton is not None:
             v = philox.noise_at(e, k0, k1, tid, idx[:, None, None], step, KIND)
             return tl.where(j < rank, v, 0.0)
 
-    @triton.jit(do_not_specialize=_SCALARS)
+    @triton.jit
+    def _shrink_store(h_ptr, h, m, seg, coef, g, split, T, rows, ANTI: tl.constexpr, RP: tl.constexpr):
+        """H_s of name ``g`` at h[g, split] (h is [G, splits, T, RP]): h·coef·sign_t, zero on unperturbed rows."""
+        rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
+        plane = h_ptr + (g * tl.num_programs(1) + split).to(tl.int64) * T * RP
+        j = tl.arange(0, RP)
+        tl.store(plane + rows.to(tl.int64)[:, None] * RP + j[None, :], h * rcoef[:, None], mask=(rows < T)[:, None])
+
+    @triton.jit(do_not_specialize=[*_SCALARS, "tid1", "tid2", "coef1", "coef2"])
     def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, k_split, sxt, sxk, k0, k1, tid, step, coef,
+                       tid1, tid2, coef1, coef2,
                        KIND: tl.constexpr, ANTI: tl.constexpr, LAYOUT_OK: tl.constexpr, RP: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr):
-        """H_s[t, :] = coef·sign_t · x_t[K_s] B_m(t)[K_s] (fp32, zero for unperturbed rows) for the K range
-        K_s = [s·k_split, (s + 1)·k_split) of program (row tile, s); B generated once per run and K range."""
+                       G: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """H_s[g, t, :] = coef_g·sign_t · x_t[K_s] B_g,m(t)[K_s] (fp32, zero for unperturbed rows) for the K range
+        K_s = [s·k_split, (s + 1)·k_split) of program (row tile, s), for G <= 3 names (streams ``tid``, ``tid1``,
+        ``tid2``) that read the same x: each x tile is loaded once for all of them (q/k/v, gate/up), each name's
+        B generated once per run and K range."""
         PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32
         BLOCK: tl.constexpr = LAYOUT_OK and (BK * RP) % PER == 0
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         split = tl.program_id(1)
         m, key, seg, nruns = _runs(rm_ptr, rows, T, BM, ANTI)
-        rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
         h = tl.zeros([BM, RP], tl.float32)
+        h1 = tl.zeros([BM, RP], tl.float32)
+        h2 = tl.zeros([BM, RP], tl.float32)
         k_end = tl.minimum(IN, (split + 1) * k_split)
         for q in range(nruns):
             one = tl.full([1], 0, tl.int64) + tl.max(tl.where(seg == q, key, -1), axis=0)
@@ -178,9 +190,17 @@ if triton is not None:
                             mask=inq[:, None] & (ks < k_end)[None, :], other=0.0).to(tl.float32)
                 b = _factor_tile(0, rank, kb, one, k0, k1, tid, step, BK, RP, KIND, BLOCK)
                 h += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
-        j = tl.arange(0, RP)
-        h_split = h_ptr + split.to(tl.int64) * T * RP
-        tl.store(h_split + rows.to(tl.int64)[:, None] * RP + j[None, :], h * rcoef[:, None], mask=(rows < T)[:, None])
+                if G > 1:
+                    b = _factor_tile(0, rank, kb, one, k0, k1, tid1, step, BK, RP, KIND, BLOCK)
+                    h1 += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
+                if G > 2:
+                    b = _factor_tile(0, rank, kb, one, k0, k1, tid2, step, BK, RP, KIND, BLOCK)
+                    h2 += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
+        _shrink_store(h_ptr, h, m, seg, coef, 0, split, T, rows, ANTI, RP)
+        if G > 1:
+            _shrink_store(h_ptr, h1, m, seg, coef1, 1, split, T, rows, ANTI, RP)
+        if G > 2:
+            _shrink_store(h_ptr, h2, m, seg, coef2, 2, split, T, rows, ANTI, RP)
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _gemm_kernel(x_ptr, w_ptr, bias_ptr, rm_ptr, h_ptr, out_ptr, T, OUT, IN, rank, a_start, T_BUCKET,
@@ -309,16 +329,46 @@ def _shrink_splits(T: int, IN: int, bm: int, bk: int, interp: bool) -> tuple[int
     return splits, (bk if splits == 1 else 64)
 
 
+def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: list[str], coefs: list[float],
+                   rank: int) -> tuple[torch.Tensor, int]:
+    """One ``_shrink_kernel`` launch for up to 3 names that read x: (H fp32 [G, splits, T, RP], splits).
+
+    ``coefs``: σ·s/√r of each name. Tiles and K splits depend on (T, in, r) only, so a name's H is
+    bitwise the one its own launch would write.
+    """
+    if not 1 <= len(names) <= 3 or len(coefs) != len(names):
+        raise ValueError(f"lowrank_shrink takes 1 to 3 names with one coef each, got {len(names)} and {len(coefs)}")
+    interp = _backend.triton_interpreted()
+    T, IN = x.shape
+    rp = _next_pow2(rank)
+    bms = 32 if interp or T > 4096 else 16
+    bks = 128 if interp else max(16, 4096 // (bms * rp))
+    splits, bks = _shrink_splits(T, IN, bms, bks, interp)
+    k_split = triton.cdiv(triton.cdiv(IN, splits), bks) * bks
+    splits = triton.cdiv(IN, k_split)  # no empty split
+    h = torch.empty((len(names), splits, T, rp), dtype=torch.float32, device=x.device)
+    scalars = key_args(noise.seed, tensor_id(names[0]), noise.step)
+    tids = [as_i32(tensor_id(n)) for n in names[1:]] + [0, 0]
+    cs = [float(c) for c in coefs[1:]] + [0.0, 0.0]
+    _shrink_kernel[(triton.cdiv(T, bms), splits)](
+        x, rm, h, T, IN, rank, k_split, x.stride(0), x.stride(1), **scalars, coef=float(coefs[0]),
+        tid1=tids[0], tid2=tids[1], coef1=cs[0], coef2=cs[1], KIND=KIND_INT[noise.kind], ANTI=bool(noise.antithetic),
+        LAYOUT_OK=rp == rank, RP=rp, G=len(names), BM=bms, BK=bks)
+    return h, splits
+
+
 def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             row_member: torch.Tensor | None, noise: NoiseSpec | None, sigma: float, scale: float,
                             mode: str, rank: int, name: str, out: torch.Tensor | None = None,
-                            base: str = "triton", config: dict[str, int] | None = None) -> torch.Tensor:
+                            base: str = "triton", config: dict[str, int] | None = None,
+                            shrunk: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Triton launcher (arguments validated by ``perturbed_linear``); no host syncs.
 
     ``out``: optional [T, out] buffer of x's dtype (tests poison it). ``base``: ``triton``
     (lowrank expand fused in the GEMM epilogue) or ``torch`` (cuBLAS base GEMM, then the
     epilogue kernel adds the low-rank term to it). ``config``: fixed BM/BN/BK (+ num_warps,
     num_stages) instead of autotuning; under TRITON_INTERPRET=1 a small fixed config is used.
+    ``shrunk``: lowrank only, this weight's (H [splits, T, RP], splits) from a grouped ``lowrank_shrink``.
     """
     _backend.require_triton(x, "x", _TRITON_ERROR)
     interp = _backend.triton_interpreted()
@@ -344,16 +394,11 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     skip = m == LOWRANK and base == "torch"
     h, splits = out, 1
     if m == LOWRANK:
-        bms = 32 if interp or T > 4096 else 16
-        bks = 128 if interp else max(16, 4096 // (bms * rp))
-        splits, bks = _shrink_splits(T, IN, bms, bks, interp)
-        k_split = triton.cdiv(triton.cdiv(IN, splits), bks) * bks
-        splits = triton.cdiv(IN, k_split)  # no empty split
-        h = torch.empty((splits, T, rp), dtype=torch.float32, device=x.device)
-        _shrink_kernel[(triton.cdiv(T, bms), splits)](
-            x, rm, h, T, IN, rank, k_split, x.stride(0), x.stride(1), **scalars,
-            coef=float(sigma * scale / math.sqrt(rank)), KIND=kind, ANTI=anti, LAYOUT_OK=rp == rank, RP=rp,
-            BM=bms, BK=bks)
+        if shrunk is None:
+            hs, splits = lowrank_shrink(x, rm, noise, [name], [float(sigma * scale / math.sqrt(rank))], rank)
+            h = hs[0]
+        else:
+            h, splits = shrunk
     if skip:
         if bias is None:
             torch.mm(x, weight.t(), out=out)
