@@ -99,3 +99,25 @@ def test_lora_generates_each_adapter_noise_once_per_noise_index(antithetic, rank
         indices = members // 2 if antithetic else members
         assert counts.values("_shrink_kernel") == indices * IN * rank, (members, per)
         assert counts.values("_expand_kernel") == indices * OUT * rank, (members, per)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rank", "kind", "antithetic"), [(1, "gaussian", True), (4, "gaussian", False),
+                                                          (1, "rademacher", True)])
+def test_lowrank_update_generates_each_factor_once(rank, kind, antithetic, dtype):
+    """K·r·(out + in) values per update, all in the factor launch, whatever the W tiling (12, 24 and 48 tiles);
+    the update launch generates only the rounding bits, one Philox call per 4 elements (bf16), none for fp32."""
+    from fastes.ops.es_update_triton import es_update_triton
+
+    out_f, in_f, members = 64, 192, 8  # (out + in)·r a power of two: no padding lane in the factor programs
+    for bm, bn in ((32, 32), (16, 32), (16, 16)):
+        w = torch.randn(out_f, in_f).to(dtype)
+        counts = _count(lambda w=w, bm=bm, bn=bn: es_update_triton(
+            w, _spec(kind, antithetic), torch.linspace(-1, 1, members, dtype=torch.float64), 0.1, 1.0, "lowrank",
+            rank, "w", block_m=bm, block_n=bn))
+        k = members // 2 if antithetic else members
+        assert counts.values("_lowrank_factors_kernel") == k * rank * (out_f + in_f), (bm, bn)
+        assert counts.values("_lowrank_kernel") == 0, (bm, bn)
+        per_call = 4 if kind == "gaussian" else 32  # a Gaussian block; a Rademacher word
+        assert counts.philox_calls("_lowrank_factors_kernel") == k * rank * (out_f + in_f) // per_call
+        assert counts.philox_calls("_lowrank_kernel") == (out_f * in_f // 4 if dtype == torch.bfloat16 else 0)
