@@ -1,0 +1,69 @@
+"""The decoder sends q/k/v and gate/up through one perturbed_linear_group when none has LoRA or bias noise.
+
+The grouped forward (Triton interpreter: one shrink launch per group) must give the CPU forward's logits,
+and the bias-noise case must keep the per-projection path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import packed_prefill, random_ids
+from tiny_model import random_hf_model
+
+from fastes.models import Perturbation, load_model
+from fastes.models import decoder as decoder_lib
+from fastes.ops._triton import TRITON_ERROR
+from fastes.population import Population
+
+transformers = pytest.importorskip("transformers")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(TRITON_ERROR is not None, reason=f"triton unusable: {TRITON_ERROR}")]
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-layer Qwen2 (q/k/v have biases) saved and loaded back."""
+    path = tmp_path_factory.mktemp("qwen2")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1e6)
+    random_hf_model(config, 3, path)
+    return load_model(path)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+    real = decoder_lib.perturbed_linear_group
+
+    def spy(x, weights, biases, names, *args, **kwargs):
+        calls.append([n.split(".")[-2] for n in names])
+        return real(x, weights, biases, names, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_lib, "perturbed_linear_group", spy)
+    return calls
+
+
+def test_grouped_triton_forward_equals_the_cpu_forward(qwen2, monkeypatch):
+    pop = Population(size=4, sigma=3e-2, mode="lowrank", rank=2, seed=5, antithetic=True)
+    prompts, members = random_ids(64, [5, 3, 4], vocab=64), [1, -1, 2]
+    want = packed_prefill(qwen2, prompts, members, Perturbation.for_model(qwen2, pop, 0, backend="cpu"))
+    calls = _spy(monkeypatch)
+    got = packed_prefill(qwen2, prompts, members, Perturbation.for_model(qwen2, pop, 0, backend="triton"))
+    assert calls == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    plain = packed_prefill(qwen2, prompts)
+    assert (got[0] - plain[0]).abs().max() > 1e-3  # member 1's noise reached the logits
+
+
+def test_bias_noise_keeps_q_k_v_on_their_own(qwen2, monkeypatch):
+    """q/k/v biases carry 1-D noise here: they stay per projection (gate/up, bias-free, still group)."""
+    pop = Population(size=2, sigma=3e-2, mode="lowrank", seed=5, perturb_1d=True)
+    prompts, members = random_ids(64, [4, 3], vocab=64), [0, 1]
+    want = packed_prefill(qwen2, prompts, members, Perturbation.for_model(qwen2, pop, 0))
+    calls = _spy(monkeypatch)
+    got = packed_prefill(qwen2, prompts, members, Perturbation.for_model(qwen2, pop, 0))
+    assert calls == [["gate_proj", "up_proj"]] * 2
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
