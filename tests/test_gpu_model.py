@@ -123,8 +123,11 @@ def test_gaussian_bound_is_n_numel_values_on_the_cuda_cores() -> None:
 def test_update_bandwidth_fraction() -> None:
     k, t, frac = gpu_model.update_kernel(EMPTY, QWEN_15B)
     numel = 8960 * 1536
-    assert k.bytes == 4 * numel and k.tc_flops == 3 * 2 * numel * 16
-    assert k.programs == math.ceil(8960 / 64) * math.ceil(1536 / 128)
+    assert k.bytes == 4 * numel + 4 * 16 * (8960 + 1536)  # W read and written once, the fp32 factors read once
+    assert k.tc_flops == 3 * 2 * numel * 16 and k.noise_values == 0  # no factor regenerated per W tile
+    assert k.programs == math.ceil(8960 / 64) * math.ceil(1536 / 64)
+    # both launches: the factor launch's time (at least its launch) is added to the update's
+    assert t.low >= gpu_cost.kernel_time(k).low + H100.launch_s
     assert frac == pytest.approx(4 * numel / 3.35e12 / t.low)
     assert frac <= H100.mem_eff
 

@@ -184,12 +184,14 @@ def _config(lowrank: bool, numel: int, columns: int) -> dict[str, int]:
 
 
 def _factor_values_per_program(kind: str, length: int) -> int:
-    """Stream values per factor program: 2048 on a GPU (as the noise fill: no spills on sm_90, 4 warps);
-    under the interpreter one program per stream when it fits (it pays per program)."""
+    """Stream values per factor program. GPU: Gaussian 512 (one Philox block per thread at 4 warps: ~21 programs
+    per index at 8960 × 1536, enough to fill 132 SMs with K = 16), Rademacher 2048 (64 words: a word per
+    thread pair, as the noise fill; fewer words spread one over more threads, each recomputing it).
+    Interpreter: one program per stream when it fits (it pays per program)."""
     per = 4 if kind == "gaussian" else 32
     if _backend.triton_interpreted():
         return min(max(per, _next_pow2(length)), 8192 if kind == "gaussian" else 32768)
-    return 2048
+    return 512 if kind == "gaussian" else 2048
 
 
 def es_update_triton(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: float, scale: float,
