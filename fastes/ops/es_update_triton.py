@@ -1,39 +1,40 @@
-"""Triton es_update: W ← W + lr·s·Σ_k c_k·E_k in place, every E_k regenerated in registers.
+"""Triton es_update: W ← W + lr·s·Σ_k c_k·E_k in place, the noise regenerated on the device, never stored per member.
 
 Coefficients arrive folded per noise index (``fold_coefficients``: c_k = Σ sign·c_m, antithetic
 pairs merged on the host, fp64) and pre-multiplied by lr·s (/√r for lowrank), so the kernels
 see K (index, coefficient) pairs. No atomics; the K indices are summed in index order.
 
-* lowrank (``_lowrank_kernel``): one GEMM per W tile, (BM × K·r)·(K·r × BN), in chunks of KC
-  columns; column c ↦ (index k = c // r, j = c % r). The A chunk [BM, KC] and Bᵀ chunk
-  [KC, BN] are generated in the kernel, one Philox call per 4 Gaussians when the factors'
-  stream offsets are 4-aligned (``BLOCKGEN``: r a power of two and in·r % 4 == 0, i.e. every
-  LLM shape), element-wise otherwise. The W tile is read once, updated, written once.
+* lowrank, two launches (docs/design.md, "The update contract"):
+  1. ``_lowrank_factors_kernel`` generates the step's factors once, the design minimum
+     K·r·(out + in) values: stream k's elements 0 .. (in + out)·r − 1 (B then A, the contract's
+     layout) block-wise (one Philox call per 4 Gaussians, per 32-bit word of signs) into an fp32
+     workspace F [K·r, in + out], row k·r + j = (Bᵀ row j | c_k·Aᵀ row j): A's columns carry the
+     folded coefficient, multiplied in fp32. F is K·r·(out + in)·4 bytes: at 8960 × 1536, K = 16,
+     0.67 MB (r = 1), 1.34 MB (r = 2), 2.02 MB (r = 3), 2.69 MB (r = 4); the GPU memory plan's
+     update workspace (fastes/es/memory_plan.py) covers it.
+  2. ``_lowrank_kernel``, bandwidth-bound: per W tile, acc = A_c[BM, K·r]·Bᵀ[K·r, BN] with
+     ``tl.dot`` in chunks of KC = 16 columns (past K·r: zeros, the tf32 MMA's K), then W is read
+     once, added, rounded and written once. W is read after the GEMM: holding it across the dot
+     would cost ~20-45 registers and one CTA per SM.
 * full / 1-D (``_full_kernel``): a flat chunk of W; per index, one Philox call per 4 Gaussians
   (per 128 Rademacher signs); fp32 accumulation in index order.
 * bf16 / fp16 outputs are stochastically rounded with the contract's bits (block e // 4 of
   ``sr_tensor_id(name)``, index ``SR_NOISE_INDEX``, word e % 4), bit-identical to
   ``stochastic_round_ref`` applied to the kernel's own fp32 sum; fp32 is a plain add.
 
-Cost model, 8960 × 1536 bf16, N = 32 antithetic (K = 16 indices), r = 1, tile BM × BN = 64 × 128,
-H100 SXM (3.35 TB/s; 132 SMs × 4 schedulers × 32 lanes × 1.755 GHz ≈ 3.0e13 issued lane-instr/s):
+Cost, lowrank, 8960 × 1536 bf16, N = 32 antithetic (K = 16), r = 1, H100 SXM (3.35 TB/s), all predicted
+(``python -m bench.gpu_model``; no GPU has run it):
 
-* bytes: W read + written once, 2 × 2 B × 13.76e6 = 55.1 MB (coefficients: 256 B) → 16.4 µs.
-* FLOPs + Philox: GEMM 2·K·r = 32 FLOP/elem = 0.44 GFLOP; factor noise K·r·(1/BM + 1/BN) =
-  0.375 values/elem = 5.2e6 values = 1.29e6 Philox calls + 2.6e6 Box–Muller pairs; stochastic
-  rounding, 1 Philox call per 4 elements (the contract's word e % 4) = 3.44e6 calls. Per element,
-  in issued instructions: GEMM 16 FFMA ("ieee"; ~0 on tensor cores with "tf32x3"), Box–Muller ~16,
-  factor Philox ~5, rounding Philox ~11 + ~5 to round, load/convert/add/address ~5: ≈ 58 ("ieee")
-  or ≈ 42 ("tf32x3") → 0.80e9 / 0.58e9 lane-instructions.
-* predicted: ≈ 27 µs with "ieee" (61 % of 3.35 TB/s), ≈ 20 µs with "tf32x3" (≈ 80 %), if the W
-  read (issued before the K loop) overlaps the generation. bf16 sits at the compute/memory ridge and
-  its largest fixed term is the rounding bits; fp32 weights (110 MB, no rounding bits) are
-  memory-bound at ≈ 33 µs. sm_90 compile (``python -m bench.compile``, no GPU): 204 registers at
-  64 × 128 / 8 warps → one CTA per SM, ~35-50 % of bandwidth predicted (one CTA cannot overlap its
-  W load with its generation); now 64 × 64 / 4 warps, 204 registers, no spills → 2 CTAs per SM, one
-  generating while the other loads or stores. The smaller tile regenerates more factor noise,
-  K·r·(1/64 + 1/64) = 0.5 values/elem instead of 0.375 (+1.7e6 values, ~+2 µs): predicted ≈ 22 µs
-  with "tf32x3" (≈ 75 % of 3.35 TB/s). Unmeasured: no GPU in this session.
+* factors: 16 × 10496 = 1.68e5 Gaussians (4.2e4 Philox calls, 8.4e4 Box–Muller pairs), 0.67 MB
+  written; 336 programs of 512 values, 29 registers on sm_90: ≈ 2.5 µs, mostly launch and latency.
+* update: bytes 2 × 2 B × 13.76e6 = 55.1 MB (W read and written once) + 0.67 MB (F, read from HBM
+  once; the tiles' re-reads, 2 B per element at 64 × 64, hit L2); ops: the tf32x3 GEMM 3 × 2 × 16 =
+  96 tensor-core FLOP per element (1.3e9, ≈ 3 µs of tensor cores), the rounding bits one Philox call
+  per 4 elements (3.4e6 calls, ~17 INT32 ops per element) + ~4 ops to round. sm_90 compile
+  (``python -m bench.compile``): 64 × 64 at 4 warps, 1 stage, 115-125 registers, no spills (Triton
+  3.9 and 3.6) → 4 CTAs per SM; memory-bound at ≈ 20.5 µs.
+* predicted: ≈ 23.0 µs for both launches, 71 % of 3.35 TB/s (the 16.4 µs of W traffic); at
+  4864 × 896 (0.5B) ≈ 10.8 µs, 48 %: the two launches' fixed ~2 µs each weigh on a 5.2 µs W pass.
 * full mode is compute-bound by design: K Gaussians per element (~45 instructions each) → values/s.
 """
 
