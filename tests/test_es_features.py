@@ -185,6 +185,21 @@ def test_common_random_numbers_share_the_unperturbed_stream(model_dir):
     assert not config.sampling_params(seed=1, greedy=True).common_random_numbers
 
 
+def test_memory_plan_counts_the_lowrank_factor_workspace(model_dir):
+    """The lowrank update's fp32 factors, K·r·(out + in)·4 B of the widest perturbed matrix (lm_head here:
+    vocab + hidden), on top of the optimizer's temporaries; full-rank noise has none."""
+    from fastes.es.memory_plan import training_reserve
+    from fastes.models.config import ModelConfig
+
+    mc = ModelConfig.from_pretrained(model_dir)
+    shapes = {n: s for n, (s, _) in mc.param_shapes().items()}
+    full = training_reserve(make_config(model_dir, population=dict(mode="full")), mc, torch.float32)
+    widest = sum(shapes["lm_head.weight"])
+    for antithetic, k in ((True, 4), (False, 8)):  # N = 8 members: 4 noise indices when antithetic
+        low = training_reserve(make_config(model_dir, population=dict(antithetic=antithetic)), mc, torch.float32)
+        assert low["workspace"] == full["workspace"] + 4 * k * 2 * widest
+
+
 def test_memory_plan_counts_the_anchor_copy(model_dir):
     """Anchored decay keeps θ₀ in fp32: 4 bytes per perturbed element on top of the optimizer's own state."""
     from fastes.es.memory_plan import training_reserve

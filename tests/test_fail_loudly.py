@@ -126,6 +126,7 @@ def test_dry_run_plans_the_kv_pool_after_optimizer_state(config_file, model_dir,
     weights = 2 * sum(numel.values())
     adam = 2 * 4 * sum(numel[n] for n in pert)
     workspace = 6 * 4 * max(numel[n] for n in pert)
+    workspace += 4 * 2 * 1 * max(sum(shapes[n]) for n in pert if len(shapes[n]) == 2)  # lowrank factors, K = 2, r = 1
     per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] //
                                                                              cfg["num_attention_heads"]) * 2
     tokens = (int(0.9 * total) - (total - free) - weights - adam - workspace) // per_token

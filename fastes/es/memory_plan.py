@@ -41,6 +41,17 @@ def _plan_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def lowrank_factor_bytes(config: TrainConfig, shapes: dict[str, Any], perturbed: list[str] | set[str]) -> int:
+    """The lowrank update's fp32 factors, K·r·(out + in)·4 bytes for its widest 2-D tensor (K noise indices: N/2
+    antithetic), alive beside the optimizer's temporaries: the Triton launch's F, the CPU path's streams."""
+    pop = config.population
+    if pop.mode != "lowrank":
+        return 0
+    indices = pop.size // 2 if pop.antithetic else pop.size
+    widest = max((sum(shapes[n][0]) for n in perturbed if len(shapes[n][0]) == 2), default=0)
+    return 4 * indices * pop.rank * widest
+
+
 def training_reserve(config: TrainConfig, model_config: Any, dtype: torch.dtype) -> dict[str, int]:
     """Bytes the run allocates beyond weights and KV pool: adapters, optimizer state, update workspace."""
     from fastes.models import perturbed_names
@@ -63,7 +74,8 @@ def training_reserve(config: TrainConfig, model_config: Any, dtype: torch.dtype)
     return {
         "adapters": sum(numel[n] for n in lora_names) * esize,
         "optimizer": 4 * (OPTIM_SLOTS[config.optim.name] + anchored) * n_pert,
-        "workspace": 4 * WORKSPACE_TENSORS[config.optim.name] * largest,
+        "workspace": (4 * WORKSPACE_TENSORS[config.optim.name] * largest
+                      + lowrank_factor_bytes(config, shapes, perturbed)),
         "perturbed_numel": n_pert,
         "perturbed_tensors": len(perturbed),
         "base_numel": sum(v for n, v in numel.items() if n not in lora_names),
