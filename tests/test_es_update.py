@@ -324,6 +324,22 @@ def test_bad_input_names_the_argument(kwargs, arg, backend):
 
 
 @pytest.mark.skipif(TRITON != ["triton"], reason="triton unusable")
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_triton_lowrank_sums_every_factor_chunk(rng, block_k):
+    """K·r = 48 factor columns: 3 chunks of 16 per tl.dot (as on a GPU at r = 4) or one padded chunk of 64."""
+    from fastes.ops.es_update_triton import es_update_triton
+
+    spec = _spec(rng, antithetic=False)
+    w0 = torch.randn(40, 72, generator=rng)
+    coeffs = torch.randn(12, generator=rng, dtype=torch.float64)
+    args = (spec, coeffs, 0.3, 0.7, "lowrank", 4, NAME)
+    want = es_update_ref(w0.clone(), *args)
+    got = w0.clone()
+    es_update_triton(got, *args, block_k=block_k)
+    _assert_fp32_close(got, want, w0)
+
+
+@pytest.mark.skipif(TRITON != ["triton"], reason="triton unusable")
 def test_triton_rejects_non_contiguous_weight():
     with pytest.raises(ValueError, match="weight"):
         es_update(torch.zeros(6, 4).T, NoiseSpec(seed=1), torch.ones(2), 0.1, backend="triton")

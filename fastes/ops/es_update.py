@@ -6,7 +6,8 @@ Antithetic pairs share a noise index, so coefficients are first folded per index
 accumulation, bf16/fp16 written with stochastic rounding (``stochastic_round``).
 Deterministic: no atomics, a fixed summation order over indices.
 
-Backends: Triton on CUDA (``es_update_triton``, everything fused). On CPU, full mode is one
+Backends: Triton on CUDA (``es_update_triton``: full mode fused; lowrank the K indices' factors
+generated once, then one GEMM + rounding pass over W). On CPU, full mode is one
 fused C++ pass (``fastes._C.es_update_full``: noise regenerated per tile in L1, fp32 sums in
 index order, rounding in the same pass); lowrank is a torch GEMM of the K factor streams
 (filled in one ``noise_fill_many`` call) followed by the C++ rounding. Without the extension

@@ -203,11 +203,12 @@ def es_update_triton(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tenso
 
 def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor, lr: float, scale: float,
                    mode: str, rank: int, name: str, block_m: int | None = None, block_n: int | None = None,
-                   block: int | None = None, precision: str | None = None,
-                   num_warps: int | None = None) -> Callable[[], None]:
+                   block: int | None = None, precision: str | None = None, num_warps: int | None = None,
+                   block_k: int | None = None) -> Callable[[], None]:
     """Fold, upload the K (index, coefficient) pairs and return the launch: benchmarks time it alone.
 
-    ``block_m``/``block_n`` (lowrank tile) and ``block`` (full chunk) override the fixed config;
+    ``block_m``/``block_n`` (lowrank tile), ``block_k`` (factor columns per ``tl.dot``) and ``block`` (full
+    chunk) override the fixed config;
     results do not depend on them except through the fp32 summation order. ``precision`` is the
     lowrank GEMM's ``tl.dot`` input precision: default "tf32x3" on a GPU (three tensor-core passes,
     ~fp32 accuracy, frees the 16 FFMA/element of "ieee") and "ieee" under the interpreter.
@@ -236,7 +237,8 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
         kr, length = len(folded) * rank, (in_f + out_f) * rank
         cfg = _config(True, weight.numel(), kr)
         bm, bn = block_m or cfg["BM"], block_n or cfg["BN"]
-        for value, arg in ((bm, "block_m"), (bn, "block_n")):
+        kc = block_k or cfg["KC"]
+        for value, arg in ((bm, "block_m"), (bn, "block_n"), (kc, "block_k")):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{arg} must be a power of two >= 16, got {value}")
         if kr * (in_f + out_f) >= 1 << 31:
@@ -254,7 +256,7 @@ def plan_es_update(weight: torch.Tensor, noise: NoiseSpec, coeffs: torch.Tensor,
             _lowrank_factors_kernel[fgrid](factors, idx, coef, out_f, in_f, len(folded), args["k0"], args["k1"], key,
                                            args["step"], R=rank, GROUPS=values // per, PER=per, KIND=kind,
                                            num_warps=4)
-            _lowrank_kernel[grid](weight, factors, out_f, in_f, kr, **args, KC=cfg["KC"], BM=bm, BN=bn,
+            _lowrank_kernel[grid](weight, factors, out_f, in_f, kr, **args, KC=kc, BM=bm, BN=bn,
                                   SR_ALIGNED=in_f % 4 == 0, PRECISION=precision,
                                   num_warps=num_warps or cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
 
