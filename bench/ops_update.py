@@ -13,10 +13,10 @@ the C++ fill, torch adds, torch reference rounding) and with that path using the
 three run side by side in one process (``--cpu-update`` runs only this comparison).
 
 Two numbers at the headline case (8960 × 1536 bf16, N = 32 antithetic, r = 1; derivation in
-fastes/ops/es_update_triton.py): 55.1 MB moved (16.4 µs at 3.35 TB/s); 0.44 GFLOP of GEMM plus
-4.73e6 Philox calls (3.44e6 of them for the rounding bits) and 2.6e6 Box–Muller pairs, ≈ 0.58e9
-issued lane-instructions with the default "tf32x3" GEMM (0.80e9 with "ieee"). Predicted H100:
-≈ 20 µs (≈ 80 % of peak bandwidth), ≈ 27 µs with "ieee"; fp32 memory-bound at ≈ 33 µs.
+fastes/ops/es_update_triton.py): 55.1 MB of W moved (16.4 µs at 3.35 TB/s) + 0.67 MB of factors
+written and read once; 1.68e5 factor Gaussians (one launch), a tf32x3 GEMM of K·r = 16 columns
+(1.3e9 tensor-core FLOP) and 3.44e6 Philox calls for the rounding bits. Predicted H100 (no GPU
+run yet): ≈ 23 µs for both launches, 71 % of 3.35 TB/s.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ SHAPES = {"q_proj/o_proj": (1536, 1536), "k_proj/v_proj": (256, 1536), "gate/up_
 QUICK_SHAPES = {"k_proj/v_proj (quick)": (256, 1536), "small (quick)": (128, 256)}
 MEMBERS = (8, 32, 128)
 # Lowrank tile / GEMM-precision variants timed once on GPU (the interpreter cannot tell them apart).
-VARIANTS = [{"block_m": 64, "block_n": 128, "precision": "ieee"}, {"block_m": 32, "block_n": 128, "num_warps": 4},
-            {"block_m": 64, "block_n": 64, "num_warps": 4}, {"block_m": 128, "block_n": 128},
-            {"block_m": 64, "block_n": 128, "num_warps": 4}]
+VARIANTS = [{"precision": "ieee"}, {"precision": "tf32"}, {"block_m": 64, "block_n": 64, "num_warps": 8},
+            {"block_m": 128, "block_n": 64, "num_warps": 8}, {"block_m": 32, "block_n": 64}]
 
 
 def _environment(device: str) -> dict[str, object]:
