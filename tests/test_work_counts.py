@@ -59,7 +59,10 @@ def test_full_rank_decode_generates_each_noise_index_once(kind, antithetic):
         counts = _count(lambda rm=rm, xs=xs: perturbed_linear_triton(xs, w, None, rm, _spec(kind, antithetic), 0.1,
                                                                     1.0, "full", 1, "w"))
         indices = members // 2 if antithetic else members
-        assert counts.values("_gemm_kernel") == indices * OUT * IN, (members, per)
+        assert counts.values("_full_gemm_kernel") == indices * OUT * IN, (members, per)
+        # IN % 128 == 0 and BK = 128: one Philox call per 4 Gaussians, per 128 signs (not per 32-bit word)
+        per_call = 4 if kind == "gaussian" else 128
+        assert counts.philox_calls("_full_gemm_kernel") == indices * OUT * IN // per_call, (members, per)
 
 
 def test_full_rank_unperturbed_rows_generate_nothing():

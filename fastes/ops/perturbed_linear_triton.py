@@ -40,21 +40,7 @@ lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
   ``base="torch"`` runs the base GEMM in cuBLAS and the epilogue kernel adds the low-rank
   term to Y (one more read + write of Y); the benchmark measures both.
 
-full: Y_m = X_m (W + σ·s·E_m)ᵀ in one K loop: each (X, W) tile pair is loaded once and gives
-  the base dot for all rows; then per run q one more dot, X rows scaled by σ·s·sign (rows of
-  other runs zeroed) times E_q's [BN, BK] tile generated in registers: BN·BK/4 Philox calls
-  plus Box-Muller per value (Gaussian), or BN·BK/32 calls (Rademacher: one per 32-bit word,
-  4x below one-per-128 so each thread owns whole words; ~6 ops per sign, 10x less than a
-  Gaussian). Needs in % 4 (resp. 32) == 0, true for Qwen shapes; else one call per value.
-  Per launch: (noise indices present)·out·in values when each index's rows sit in one row tile
-  (decode: 16 rows per member, 64-row tiles); N/2·numel with antithetic pairs (before: N·numel,
-  each member of a pair generating the same tile). N = 32 antithetic at 1536x1536: 38 M values,
-  predicted ~103 us Gaussian / ~11 us Rademacher against a 12 us GEMM (before: 206 / 21 us),
-  plus per-run dots of (N/2 + T/BM)·BM rows: predicted ratio 0.10 Gaussian / 0.35 Rademacher
-  (before 0.05 / 0.21). Prefill (a member's rows over several row tiles) generates its noise once
-  per row tile it touches, ≈ (T/BM)·numel values: the 256 × 64 config (198 registers, no spills on
-  sm_90) quarters that against 64-row tiles where the autotuner finds it faster; once per (W tile,
-  member) for any run length would need a member-wide accumulator or a noise stash (not done).
+full: ``fastes/ops/perturbed_linear_full_triton.py`` (its own kernel, launched from here).
 """
 
 from __future__ import annotations
@@ -75,7 +61,7 @@ _SCALARS = [*KEY_ARGS, "coef"]
 
 
 if triton is not None:
-    K_PLAIN, K_LOWRANK, K_FULL = tl.constexpr(PLAIN), tl.constexpr(LOWRANK), tl.constexpr(FULL)
+    K_PLAIN, K_LOWRANK = tl.constexpr(PLAIN), tl.constexpr(LOWRANK)
 
     @triton.jit
     def _noise_index(m, ANTI: tl.constexpr):
@@ -108,26 +94,6 @@ if triton is not None:
         start = (m >= 0) & ((tl.arange(0, BM) == 0) | (idx != prev_idx))
         seg = tl.where(m >= 0, tl.cumsum(start.to(tl.int32), axis=0) - 1, -1)
         return m, idx, seg, tl.sum(start.to(tl.int32), axis=0)
-
-    @triton.jit
-    def _dense_tile(cols, kb, IN, k0, k1, tid, idx, step,
-                    BN: tl.constexpr, BK: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
-        """E[cols, kb:kb+BK] (fp32 [BN, BK]) of a dense stream with rows of length IN.
-
-        BLOCK (IN and BK multiples of 4 resp. 32): one Philox call per 4 Gaussians resp. per
-        32-bit word of signs; otherwise one call per value.
-        """
-        if BLOCK:
-            if KIND == philox.GAUSSIAN:
-                b = (cols.to(tl.int64) * IN + kb)[:, None] // 4 + tl.arange(0, BK // 4)[None, :]
-                return philox.gaussian_blocks_flat(b, k0, k1, tid, idx, step)
-            else:
-                w = (cols.to(tl.int64) * IN + kb)[:, None] // 32 + tl.arange(0, BK // 32)[None, :]
-                w = tl.reshape(w, (BN * (BK // 32),))
-                return tl.reshape(philox.rademacher_words_flat(w, k0, k1, tid, idx, step), (BN, BK))
-        else:
-            e = cols.to(tl.int64)[:, None] * IN + (kb + tl.arange(0, BK))[None, :]
-            return philox.noise_at(e, k0, k1, tid, idx, step, KIND)
 
     @triton.jit
     def _factor_tile(start, rank, n0, idx, k0, k1, tid, step, NR: tl.constexpr, RP: tl.constexpr,
@@ -209,7 +175,7 @@ if triton is not None:
                      SKIP_BASE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                      LAYOUT_OK: tl.constexpr, RP: tl.constexpr, SEGC: tl.constexpr, SPLITS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """out = x Wᵀ (+ per-run noise dots in the K loop: full) (+ low-rank epilogue) + bias."""
+        """out = x Wᵀ (+ low-rank epilogue) + bias."""
         pid = tl.program_id(0)
         grid_m = tl.cdiv(T, BM)
         grid_n = tl.cdiv(OUT, BN)
@@ -227,8 +193,6 @@ if triton is not None:
         PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32  # stream values per Philox word used
         if MODE != K_PLAIN:
             m, key, seg, nruns = _runs(rm_ptr, rows, T, BM, ANTI)
-        if MODE == K_FULL:
-            rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
         if SKIP_BASE:  # base (and bias) already in out, from cuBLAS
             acc = tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
         else:
@@ -244,14 +208,6 @@ if triton is not None:
                     x = x.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-                if MODE == K_FULL:
-                    xc = (x.to(tl.float32) * rcoef[:, None]).to(x.dtype)
-                    for q in range(nruns):  # one E tile per noise index present; rcoef holds each row's ±
-                        idx = tl.max(tl.where(seg == q, key, -1), axis=0)
-                        e = _dense_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND,
-                                        LAYOUT_OK and BK % PER == 0)
-                        xq = tl.where((seg == q)[:, None], xc, tl.zeros_like(xc))
-                        acc = tl.dot(xq, tl.trans(e.to(x.dtype)), acc, input_precision=PREC)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if MODE == K_LOWRANK:
@@ -286,15 +242,9 @@ if triton is not None:
 
 # (BM, BN, BK, warps, stages), all compiled for sm_90 without a GPU (none spills more than 32 B,
 # the 128x128x64 plain GEMM pipelines in 3 stages at 106 registers); never timed on a GPU.
-# Full mode: the per-run loop inside the K loop stops software pipelining, so stages do not matter
-# there; BK = 128 spills with Gaussian noise. BK % 32 == 0 keeps one Philox call per 32 signs.
 _GPU_CONFIGS = {
     "gemm": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
-    "full": [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (256, 64, 32, 8, 2)],
-    # Rademacher: BK = 32 (one sign word per row of the tile); at BK = 64 Triton 3.6 spills 240-352 B
-    "full-rad": [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2), (128, 128, 32, 8, 2), (256, 64, 32, 8, 2)],
     "gemm-fp32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)],  # ieee fp32 dots run on the CUDA cores
-    "full-fp32": [(64, 64, 32, 4, 2)],
 }
 INTERPRET_CONFIG = {"BM": 16, "BN": 64, "BK": 64}  # the interpreter pays per op, not per element
 
@@ -391,6 +341,11 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     rp = _next_pow2(rank) if m == LOWRANK else 1
     rm = row_member if row_member is not None else out
     prec = "ieee" if x.dtype == torch.float32 or interp else "tf32"
+    if m == FULL:  # its own kernel (imported here: that module imports this one's device functions)
+        from fastes.ops.perturbed_linear_full_triton import full_linear_triton
+
+        full_linear_triton(x, weight, bias, rm, out, scalars, float(sigma * scale), kind, anti, prec, interp, config)
+        return out
     skip = m == LOWRANK and base == "torch"
     h, splits = out, 1
     if m == LOWRANK:
@@ -415,6 +370,5 @@ def perturbed_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         cfg = dict(INTERPRET_CONFIG if config is None else config)
         _gemm_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
-        which = "gemm" if m != FULL else "full-rad" if kind == 1 and x.dtype != torch.float32 else "full"
-        _tuned(which + ("-fp32" if x.dtype == torch.float32 else ""))[grid](*args, **meta)
+        _tuned("gemm" + ("-fp32" if x.dtype == torch.float32 else ""))[grid](*args, **meta)
     return out

@@ -63,6 +63,7 @@ _COUNTED: dict[str, tuple[str, Callable[[Any], int]]] = {
     "rademacher_words_flat": ("values", _numel),
     "rademacher_words_2d": ("values", _numel),
     "rademacher_rows": ("values", _numel),
+    "rademacher_blocks_2d": ("values", _numel),
     "rademacher_at": ("values", _numel),
 }
 
