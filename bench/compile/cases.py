@@ -18,6 +18,7 @@ LAUNCHERS = {
     "noise_fill": "fastes.ops.noise:noise_fill_triton",
     "philox_blocks": "fastes.ops.noise:philox_blocks_triton",
     "linear": "fastes.ops.perturbed_linear_triton:perturbed_linear_triton",
+    "lowrank_shrink": "fastes.ops.perturbed_linear_triton:lowrank_shrink",
     "embedding": "fastes.ops.perturbed_embedding:perturbed_embedding_triton",
     "lora": "fastes.ops.lora_linear:lora_linear_triton",
     "write_kv": "fastes.ops.attention_triton:write_kv_triton",
@@ -141,6 +142,16 @@ def _linear_cases(specs: dict[str, Any]) -> list[Case]:
                                _meta((m.inter, m.hidden), torch.bfloat16), None, _rows(DECODE_ROWS),
                                specs["gaussian"], 1e-3, 0.02, "lowrank", rank, "w")
         cases.append(Case(f"linear lowrank gaussian bf16 up rank={rank}", run_rank))
+    for m in (QWEN_15B, QWEN_05B):  # the decoder's grouped lowrank shrinks: one launch for q/k/v, one for gate/up
+        for dtype in (torch.bfloat16, torch.float32):
+            for kind in ("gaussian", "rademacher"):
+                for group in ("qkv", "gate+up"):
+                    def run_group(m: Model = m, dtype: Any = dtype, kind: str = kind, group: str = group) -> None:
+                        names = ["q", "k", "v"] if group == "qkv" else ["gate", "up"]
+                        launcher("lowrank_shrink")(_meta((DECODE_ROWS, m.hidden), dtype), _rows(DECODE_ROWS),
+                                                   specs[kind], names, [1e-3] * len(names), 1)
+                    dname = "bf16" if dtype == torch.bfloat16 else "fp32"
+                    cases.append(Case(f"lowrank shrink {group} {kind} {dname} {m.name} T={DECODE_ROWS}", run_group))
     for t in (1, 3):  # the small CUDA-graph decode buckets (T == 1 and T % 16 != 0 specialisations)
         for mode, kind in (("plain", None), ("lowrank", "gaussian"), ("full", "gaussian")):
             def run_small(t: int = t, mode: str = mode, kind: str | None = kind) -> None:

@@ -121,31 +121,27 @@ if triton is not None:
             v = philox.noise_at(e, k0, k1, tid, idx[:, None, None], step, KIND)
             return tl.where(j < rank, v, 0.0)
 
-    @triton.jit
-    def _shrink_store(h_ptr, h, m, seg, coef, g, split, T, rows, ANTI: tl.constexpr, RP: tl.constexpr):
-        """H_s of name ``g`` at h[g, split] (h is [G, splits, T, RP]): h·coef·sign_t, zero on unperturbed rows."""
-        rcoef = tl.where(seg >= 0, coef * _noise_sign(m, ANTI), 0.0)
-        plane = h_ptr + (g * tl.num_programs(1) + split).to(tl.int64) * T * RP
-        j = tl.arange(0, RP)
-        tl.store(plane + rows.to(tl.int64)[:, None] * RP + j[None, :], h * rcoef[:, None], mask=(rows < T)[:, None])
-
     @triton.jit(do_not_specialize=[*_SCALARS, "tid1", "tid2", "coef1", "coef2"])
     def _shrink_kernel(x_ptr, rm_ptr, h_ptr, T, IN, rank, k_split, sxt, sxk, k0, k1, tid, step, coef,
                        tid1, tid2, coef1, coef2,
                        KIND: tl.constexpr, ANTI: tl.constexpr, LAYOUT_OK: tl.constexpr, RP: tl.constexpr,
-                       G: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        """H_s[g, t, :] = coef_g·sign_t · x_t[K_s] B_g,m(t)[K_s] (fp32, zero for unperturbed rows) for the K range
-        K_s = [s·k_split, (s + 1)·k_split) of program (row tile, s), for G <= 3 names (streams ``tid``, ``tid1``,
-        ``tid2``) that read the same x: each x tile is loaded once for all of them (q/k/v, gate/up), each name's
-        B generated once per run and K range."""
+                       BM: tl.constexpr, BK: tl.constexpr):
+        """H[g, s, t, :] = coef_g·sign_t · x_t[K_s] B_g,m(t)[K_s] (fp32, zero for unperturbed rows) for the K range
+        K_s = [s·k_split, (s + 1)·k_split) of program (row tile, s, g); B generated once per run and K range.
+
+        g picks one of up to 3 names that read the same x (q/k/v, gate/up: streams ``tid``, ``tid1``, ``tid2``
+        and their coefs): one launch for the group, G times the programs of one name, each the same code
+        and registers as a single name's (unrolling the names in one program spilled 4-12 B on sm_90); the
+        group's programs read x while it sits in L2."""
         PER: tl.constexpr = 4 if KIND == philox.GAUSSIAN else 32
         BLOCK: tl.constexpr = LAYOUT_OK and (BK * RP) % PER == 0
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         split = tl.program_id(1)
+        g = tl.program_id(2)
+        # arithmetic, not tl.where: Triton 3.6 then keeps no extra value live across the Gaussian's sin/cos calls
+        name_tid = tid + (g == 1).to(tl.int32) * (tid1 - tid) + (g == 2).to(tl.int32) * (tid2 - tid)
         m, key, seg, nruns = _runs(rm_ptr, rows, T, BM, ANTI)
         h = tl.zeros([BM, RP], tl.float32)
-        h1 = tl.zeros([BM, RP], tl.float32)
-        h2 = tl.zeros([BM, RP], tl.float32)
         k_end = tl.minimum(IN, (split + 1) * k_split)
         for q in range(nruns):
             one = tl.full([1], 0, tl.int64) + tl.max(tl.where(seg == q, key, -1), axis=0)
@@ -154,19 +150,13 @@ if triton is not None:
                 ks = kb + tl.arange(0, BK)
                 x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxt + ks[None, :] * sxk,
                             mask=inq[:, None] & (ks < k_end)[None, :], other=0.0).to(tl.float32)
-                b = _factor_tile(0, rank, kb, one, k0, k1, tid, step, BK, RP, KIND, BLOCK)
+                b = _factor_tile(0, rank, kb, one, k0, k1, name_tid, step, BK, RP, KIND, BLOCK)
                 h += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
-                if G > 1:
-                    b = _factor_tile(0, rank, kb, one, k0, k1, tid1, step, BK, RP, KIND, BLOCK)
-                    h1 += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
-                if G > 2:
-                    b = _factor_tile(0, rank, kb, one, k0, k1, tid2, step, BK, RP, KIND, BLOCK)
-                    h2 += tl.sum(x[:, :, None] * tl.reshape(b, (BK, RP))[None, :, :], axis=1)
-        _shrink_store(h_ptr, h, m, seg, coef, 0, split, T, rows, ANTI, RP)
-        if G > 1:
-            _shrink_store(h_ptr, h1, m, seg, coef1, 1, split, T, rows, ANTI, RP)
-        if G > 2:
-            _shrink_store(h_ptr, h2, m, seg, coef2, 2, split, T, rows, ANTI, RP)
+        name_coef = tl.where(g == 0, coef, tl.where(g == 1, coef1, coef2))
+        rcoef = tl.where(seg >= 0, name_coef * _noise_sign(m, ANTI), 0.0)
+        j = tl.arange(0, RP)
+        h_split = h_ptr + (g * tl.num_programs(1) + split).to(tl.int64) * T * RP
+        tl.store(h_split + rows.to(tl.int64)[:, None] * RP + j[None, :], h * rcoef[:, None], mask=(rows < T)[:, None])
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _gemm_kernel(x_ptr, w_ptr, bias_ptr, rm_ptr, h_ptr, out_ptr, T, OUT, IN, rank, a_start, T_BUCKET,
@@ -283,6 +273,9 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
                    rank: int) -> tuple[torch.Tensor, int]:
     """One ``_shrink_kernel`` launch for up to 3 names that read x: (H fp32 [G, splits, T, RP], splits).
 
+    Grid (row tiles, K splits, G): each program one name's B tile per run and K range, so a group costs one
+    launch, not G, and each name's noise is generated once (tests/test_perturbed_linear_group.py counts it).
+
     ``coefs``: σ·s/√r of each name. Tiles and K splits depend on (T, in, r) only, so a name's H is
     bitwise the one its own launch would write.
     """
@@ -300,10 +293,10 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
     scalars = key_args(noise.seed, tensor_id(names[0]), noise.step)
     tids = [as_i32(tensor_id(n)) for n in names[1:]] + [0, 0]
     cs = [float(c) for c in coefs[1:]] + [0.0, 0.0]
-    _shrink_kernel[(triton.cdiv(T, bms), splits)](
+    _shrink_kernel[(triton.cdiv(T, bms), splits, len(names))](
         x, rm, h, T, IN, rank, k_split, x.stride(0), x.stride(1), **scalars, coef=float(coefs[0]),
         tid1=tids[0], tid2=tids[1], coef1=cs[0], coef2=cs[1], KIND=KIND_INT[noise.kind], ANTI=bool(noise.antithetic),
-        LAYOUT_OK=rp == rank, RP=rp, G=len(names), BM=bms, BK=bks)
+        LAYOUT_OK=rp == rank, RP=rp, BM=bms, BK=bks)
     return h, splits
 
 
