@@ -101,6 +101,8 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
     kind = "rademacher" if mode == "full-rademacher" else "gaussian"
     label = f"{gate_mode} {kind} " if gate_mode != "plain" else "plain "
     case = f"linear {label}bf16 {m.name} {case_shape} T={t}"
+    if gate_mode == "full":
+        return [_fastest([[k] for k in _full_rank(gate, case, t, n_in, n_out, n, kind)], hw)[0]]
     options = []
     for b, programs in gate.builds(case, "_gemm_kernel") or [({"constexprs": {"BM": 128, "BN": 128, "BK": 64},
                                                                "num_warps": 8, "ctas_per_sm": 1, "num_stages": 3},
@@ -110,9 +112,6 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
         if gate_mode == "lowrank":  # epilogue: the A rows of the members present in each tile, T·out·r FMAs
             main.add_noise(math.ceil(t / c["BM"]) * _members_per_tile(c["BM"], t, n) * n_out * rank, kind)
             main.fp_ops += t * n_out * rank
-        elif gate_mode == "full":  # each member's rows take their own pass over the W tile with its noise
-            main.tc_flops *= _members_per_tile(c["BM"], t, n)
-            main.add_noise(n * n_in * n_out, kind, apply=True)
         options.append([main])
     chosen = _fastest(options, hw)
     if gate_mode == "lowrank":
@@ -120,6 +119,45 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
     if mode == "lora":
         chosen = chosen + _lora(gate, m, case_shape, t, n_in, n_out, n)
     return chosen
+
+
+# SASS instructions per thread in one iteration of the full-rank kernel's first K loop (base dot, noise tile,
+# noise dot), Rademacher at BK = 128: (BM, BN, warps) -> (INT32-pipe ALU ops: LOP3, SEL, SHF, ISETP, IADD3,
+# PRMT, ...; everything else: IMAD, F2FP, LDS/STS, LDSM, HMMA, branches). Counted with nvdisasm in the sm_90
+# cubins of the compile gate (Triton 3.9, 1.5B up_proj, T = 512; Triton 3.6's main loop within 7%): per value
+# 8.7 / 10.8 / 7.8 / 12.9 instructions against the 5.0 that noise_ops + APPLY_FP_OPS count (address arithmetic,
+# operand staging through shared memory and register moves of the mask constant come on top of Philox and the
+# bit expansion).
+FULL_RANK_LOOP_SASS = {(16, 64, 4): (155, 400), (16, 32, 4): (89, 255), (16, 128, 8): (132, 368),
+                       (32, 64, 8): (83, 329)}
+FULL_RANK_DEFAULT = {"rademacher": ({"BM": 16, "BN": 64, "BK": 128}, 4, 3),
+                     "gaussian": ({"BM": 32, "BN": 64, "BK": 64}, 4, 2)}  # (tiles, warps, CTAs/SM) without a gate
+
+
+def _full_rank(gate: Gate, case: str, t: int, n_in: int, n_out: int, n: int, kind: str) -> list[Kernel]:
+    """One option per autotune config of ``_full_gemm_kernel``: a program per (row tile, column tile) whose
+    first K loop gives the base dot and run 0's noise dot, then one K loop per further run (member) of the
+    tile; W comes from HBM once (the row tiles of a column tile share it in L2)."""
+    c0, w0, ctas0 = FULL_RANK_DEFAULT[kind]
+    found = gate.builds(case, "_full_gemm_kernel") or [({"constexprs": c0, "num_warps": w0, "ctas_per_sm": ctas0,
+                                                         "num_stages": 3}, 0)]
+    out = []
+    for b, programs in found:
+        c = b["constexprs"]
+        bm, bn, bk, warps = c["BM"], c["BN"], c["BK"], b["num_warps"]
+        runs = _members_per_tile(bm, t, n)
+        programs = programs or math.ceil(t / bm) * math.ceil(n_out / bn)
+        k_iters = math.ceil(n_in / bk)
+        k = Kernel(f"full-rank gemm {kind}", bytes=2 * (n_out * n_in + t * n_in + t * n_out),
+                   tc_flops=2.0 * t * n_in * n_out * (1 + runs), programs=programs, iters=k_iters * runs,
+                   **_shape_of(b))
+        k.add_noise(n * n_in * n_out, kind, apply=True)
+        sass = FULL_RANK_LOOP_SASS.get((bm, bn, warps)) if kind == "rademacher" and bk == 128 else None
+        if sass is not None:  # measured loop instructions replace the per-value estimate
+            thread_iters = 32 * warps * programs * k_iters * runs
+            k.int_ops, k.fp_ops = sass[0] * thread_iters, sass[1] * thread_iters
+        out.append(k)
+    return out
 
 
 def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int, kind: str) -> list[Kernel]:

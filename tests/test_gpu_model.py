@@ -87,16 +87,37 @@ def test_decode_step_generates_the_design_minimum_noise(model: object) -> None:
     assert lora == _per_layer(model, lambda o, i: n * (o + i) * 8)
 
 
-def test_full_rank_passes_per_member_over_each_row_tile() -> None:
-    t, n = DECODE_ROWS, MEMBERS  # 16 rows per member: a 64-row tile holds 4 members, 4 passes of its W tile
-    assert gpu_model._members_per_tile(64, t, n) == 4 and gpu_model._members_per_tile(16, t, n) == 1
-    gate = gpu_model.Gate({"kernels": [
-        {"kernel": "_gemm_kernel", "constexprs": {"BM": 64, "BN": 64, "BK": 64}, "num_warps": 4, "num_stages": 2,
-         "ctas_per_sm": 2, "launches": [[f"linear full gaussian bf16 {QWEN_15B.name} q T={t}", [192, 1, 1]]]}]})
+def _full_gate(kind: str, bm: int, bn: int, bk: int, warps: int, programs: int) -> gpu_model.Gate:
+    case = f"linear full {kind} bf16 {QWEN_15B.name} q T={DECODE_ROWS}"
+    return gpu_model.Gate({"kernels": [
+        {"kernel": "_full_gemm_kernel", "constexprs": {"BM": bm, "BN": bn, "BK": bk}, "num_warps": warps,
+         "num_stages": 3, "ctas_per_sm": 2, "launches": [[case, [programs, 1, 1]]]}]})
+
+
+def test_full_rank_runs_one_k_loop_per_member_of_each_row_tile() -> None:
+    t, n = DECODE_ROWS, MEMBERS  # 16 rows per member: a 32-row tile holds 2 members, 2 K loops
+    assert gpu_model._members_per_tile(32, t, n) == 2 and gpu_model._members_per_tile(16, t, n) == 1
+    gate = _full_gate("gaussian", 32, 64, 64, 4, 16 * 24)
     (k,) = gpu_model.linear_kernels(gate, QWEN_15B, "full-gaussian", 1536, 1536, "q")
-    assert k.tc_flops == 2 * t * 1536 * 1536 * 4
-    assert k.programs == 192 and k.ctas_per_sm == 2 and k.iters == 1536 / 64
+    assert k.tc_flops == 2 * t * 1536 * 1536 * (1 + 2)  # the base dot once, a noise dot per member
+    assert k.bytes == 2 * (1536 * 1536 + 2 * t * 1536)  # W once from HBM: the row tiles share it in L2
+    assert k.programs == 384 and k.ctas_per_sm == 2 and k.stages == 3 and k.iters == 1536 / 64 * 2
+    assert k.noise_values == n * 1536 * 1536
     assert k.fp_ops == n * 1536 * 1536 / 2 * 56 + n * 1536 * 1536 * 2.5
+
+
+def test_full_rank_rademacher_costs_the_measured_loop_instructions() -> None:
+    programs = 32 * 24  # 16-row tiles x 64-column tiles of a 1536 x 1536 projection at 512 rows
+    (k,) = gpu_model.linear_kernels(_full_gate("rademacher", 16, 64, 128, 4, programs), QWEN_15B, "full-rademacher",
+                                    1536, 1536, "q")
+    thread_iters = 4 * 32 * programs * (1536 // 128)  # one member per tile: a single K loop
+    alu, other = gpu_model.FULL_RANK_LOOP_SASS[(16, 64, 4)]
+    assert k.int_ops == alu * thread_iters and k.fp_ops == other * thread_iters
+    assert k.noise_values == MEMBERS * 1536 * 1536 and k.iters == 1536 / 128
+    # a config without a SASS count keeps the per-value formula
+    (f,) = gpu_model.linear_kernels(_full_gate("rademacher", 16, 64, 64, 4, programs), QWEN_15B, "full-rademacher",
+                                    1536, 1536, "q")
+    assert f.int_ops == gpu_cost.noise_ops(MEMBERS * 1536 * 1536, "rademacher")[0]
 
 
 def test_autotune_pick_is_the_fastest_predicted_config() -> None:

@@ -2,28 +2,37 @@
 
 A program owns BM rows x BN output columns and finds the runs of equal noise index among its rows
 on device (``_runs``: any row order, no host sync). Its first K loop gives every row the base dot
-x Wᵀ and the rows of run 0 the noise dot (x·σ·s·sign) E_0ᵀ; each further run q of the tile takes
-one more K loop of its own rows against E_q (W is not read again). Every K loop is therefore a plain
+x Wᵀ and, in a second accumulator, the noise dot x E_0ᵀ that run 0's rows keep; each further run q
+of the tile takes one more K loop of its own rows against E_q (W is not read again). Every K loop is therefore a plain
 loop over K tiles, loads one iteration ahead of the math (software pipelined), and each noise
 tile [BN, BK] is generated once per (W tile, run) — once per (W tile, noise index) when each index's
 rows sit in one row tile, as a decode step's do (16 rows per member, 32 per antithetic pair;
 BM = 16 or 32). Before (one program per 64-row tile, a per-run loop inside the K loop), the loop
 could not be pipelined: each K iteration waited on its W tile, 48-280 of them per program.
 
-E's tile is generated in registers and goes to the dot as bf16/fp32 like X (the two-dot form the
-tests hold against the torch reference, which forms W + σ·s·E in fp32): the row's σ·s·sign is
-folded into X (BM·BK multiplies per K tile), not into the BN·BK weight tile. Noise per tile:
+E's tile is generated in registers and goes to the dot in X's dtype (±1 is exact in bf16; a Gaussian
+rounds to bf16 as X does); each row's σ·s·sign scales its noise accumulator once, in fp32, after the
+loop, so nothing is multiplied per K tile and the sum is x Wᵀ + σ·s·sign·x Eᵀ = x (W + σ·s·sign·E)ᵀ,
+the product the torch reference forms in fp32 (tests/test_perturbed_linear.py). Noise per tile:
 * Rademacher, IN and BK multiples of 128: one Philox call per 128 signs, its four words kept in
   the thread that made them (``philox.rademacher_blocks_2d``); IN % 32 == 0: one call per 32-bit
   word; otherwise one call per value.
 * Gaussian: one call per 4 values (IN % 4 == 0) plus Box-Muller per value.
 
-Cost (Qwen2.5-1.5B, N = 32 decode: 512 rows, 16 per member; bf16; H100 at 3.35 TB/s, ~30e12
-CUDA-core instructions/s): noise N·out·in values per launch (N/2 with antithetic pairs),
-13.8 M per member at 8960x1536 = 440 M values per up_proj launch; bytes: W once from HBM (27.5 MB,
-every row block of a column tile reads the same W tile from L2) plus X and Y (~10 MB); tensor-core
-FLOPs 2 x 2·T·in·out (the base and the noise dot). Predicted (bench/gpu_model.py on the sm_90 gate's
-grid and occupancy; no GPU measurement): see docs/design.md, "Kernels on an H100, before any GPU".
+Cost, Qwen2.5-1.5B up_proj (8960 x 1536) at an N = 32 decode step (512 rows, 16 per member, bf16; counted
+as N·numel, i.e. without the antithetic halving), H100 at 3.35 TB/s:
+* noise: N·out·in = 440 M values per launch (220 M with antithetic pairs in 32-row tiles);
+* bytes: W once from HBM (27.5 MB; the row tiles of a column tile run next to each other and share it
+  in L2) + X + Y = 38.3 MB, 11 us;
+* tensor-core FLOPs: 2·T·in·out·(1 + members per row tile) = 28.2 GFLOP (mma.sync, m16n8k16), ~36 us;
+* CUDA-core instructions, counted in the sm_90 SASS of the K loop (Triton 3.9, 16 x 64 x 128 tile, 4 warps):
+  555 per thread per K step = 8.7 per noise value (Philox ~0.5-1, the bit expansion's shift and and/xor,
+  a register move of the mask constant and half a bf16 pack per value, then operand staging through
+  shared memory, the two mma and address arithmetic): 3.8e9 per launch, ~130 us at the full issue rate;
+  168 registers give 3 CTAs (12 warps) per SM, which hide 3/4 of the latency in bench/gpu_model.py.
+Predicted 174-209 us per launch (unperturbed GEMM ~20 us): CUDA-core bound; a step ratio of 0.28-0.33
+at 1.5B and 0.43-0.48 at 0.5B for Rademacher, 0.047 / 0.09 for Gaussian (Box-Muller bound). Predictions
+(``python -m bench.gpu_model``), not measurements.
 """
 
 from __future__ import annotations
@@ -128,7 +137,8 @@ if triton is not None:
 # BM = 32 holds an antithetic pair's 32 decode rows (16 per member), BM = 16 one member's; BK = 128
 # gives Rademacher one Philox call per 128 signs.
 _CONFIGS = {
-    "rademacher": [(16, 64, 128, 4, 3), (16, 128, 128, 8, 3), (32, 64, 128, 8, 3)],  # (32, 128, 128) spills
+    # (32, 128, 128) spills; so do (16, 64, 128) at 2 stages on Triton 3.9 and at maxnreg = 128 (4 CTAs/SM)
+    "rademacher": [(16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 128, 128, 8, 3), (32, 64, 128, 8, 3)],
     "gaussian": [(32, 64, 64, 4, 3), (16, 128, 64, 8, 3), (32, 128, 64, 8, 3)],  # (16, 64, 64) spills
     "fp32": [(32, 32, 16, 4, 2), (16, 32, 32, 8, 3)],  # ieee dots run on the CUDA cores; wider tiles spill
 }
