@@ -94,9 +94,18 @@ def _fastest(options: list[list[Kernel]], hw: Hardware) -> list[Kernel]:
     return min(options, key=lambda ks: sum(kernel_time(k, hw).low for k in ks))
 
 
+# lowrank: the decoder's grouped shrinks (fastes/models/decoder.py ``_linears``): q's launch serves q/k/v, gate's
+# gate/up (a (row tile, K split, name) grid); k, v and up launch none of their own; o and down their own.
+SHRINK_GROUPS: dict[str, tuple[str, int] | None] = {"q": ("qkv", 3), "k": None, "v": None, "gate": ("gate+up", 2),
+                                                    "up": None}
+
+
 def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_shape: str, t: int = DECODE_ROWS,
-                   n: int = MEMBERS, rank: int = 1, hw: Hardware = H100) -> list[Kernel]:
-    """The kernels of one projection in ``mode`` at decode, on the gate's tiles for that shape."""
+                   n: int = MEMBERS, rank: int = 1, hw: Hardware = H100,
+                   shrink: tuple[str, int] | None = ("", 1)) -> list[Kernel]:
+    """The kernels of one projection in ``mode`` at decode, on the gate's tiles for that shape.
+
+    ``shrink`` (lowrank): ("", 1) its own shrink launch, (group, names) the group's launch, None none."""
     gate_mode = {"unperturbed": "plain", "lora": "plain"}.get(mode, mode.split("-")[0])
     kind = "rademacher" if mode == "full-rademacher" else "gaussian"
     label = f"{gate_mode} {kind} " if gate_mode != "plain" else "plain "
@@ -114,8 +123,10 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
             main.fp_ops += t * n_out * rank
         options.append([main])
     chosen = _fastest(options, hw)
-    if gate_mode == "lowrank":
-        chosen = _lowrank_shrink(gate, case, t, n_in, n, rank, kind) + chosen
+    if gate_mode == "lowrank" and shrink is not None:
+        group, names = shrink
+        shrink_case = f"lowrank shrink {group} {kind} bf16 {m.name} T={t}" if group else case
+        chosen = _lowrank_shrink(gate, shrink_case, t, n_in, n, rank, kind, names) + chosen
     if mode == "lora":
         chosen = chosen + _lora(gate, m, case_shape, t, n_in, n_out, n)
     return chosen
@@ -160,16 +171,18 @@ def _full_rank(gate: Gate, case: str, t: int, n_in: int, n_out: int, n: int, kin
     return out
 
 
-def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int, kind: str) -> list[Kernel]:
-    """h = x·B_m for every row: x read again, each member's B_m (in × r) generated once."""
+def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int, kind: str,
+                    names: int = 1) -> list[Kernel]:
+    """h = x·B_m for every row of ``names`` projections that read x, in one launch: x from HBM once (the
+    names' programs share it in L2), each name's B_m (in × r) generated once per member, names × the programs."""
     found = gate.builds(case, "_shrink_kernel")
     b, programs = found[0] if found else ({"constexprs": {"BM": 16, "BK": 256}, "num_warps": 4, "ctas_per_sm": 4,
-                                           "num_stages": 3}, math.ceil(t / 16))
+                                           "num_stages": 3}, names * math.ceil(t / 16))
     c = b["constexprs"]
-    tiles = math.ceil(t / c["BM"]) * math.ceil(n_in / c["BK"])
-    k = Kernel("lowrank shrink", bytes=2 * t * n_in + 4 * t * rank, fp_ops=t * n_in * rank, programs=programs,
-               iters=tiles / programs, **_shape_of(b))
-    return [k.add_noise(n * n_in * rank, kind)]
+    tiles = names * math.ceil(t / c["BM"]) * math.ceil(n_in / c["BK"])
+    k = Kernel("lowrank shrink", bytes=2 * t * n_in + 4 * t * rank * names, fp_ops=names * t * n_in * rank,
+               programs=programs, iters=tiles / programs, **_shape_of(b))
+    return [k.add_noise(names * n * n_in * rank, kind)]
 
 
 def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, n: int, rank: int = 8) -> list[Kernel]:
@@ -216,8 +229,8 @@ def shared_kernels(gate: Gate, m: Model, t: int = DECODE_ROWS, ctx: int = PROMPT
 def decode_step(gate: Gate, m: Model, mode: str, hw: Hardware = H100) -> Step:
     """Every kernel of one decode step of ``m`` in ``mode``, with its predicted time."""
     rows: list[tuple[Kernel, Time, int]] = []
-    for _, n_out, n_in, shape in _projections(m):
-        for k in linear_kernels(gate, m, mode, n_out, n_in, shape, hw=hw):
+    for name, n_out, n_in, shape in _projections(m):
+        for k in linear_kernels(gate, m, mode, n_out, n_in, shape, hw=hw, shrink=SHRINK_GROUPS.get(name, ("", 1))):
             rows.append((k, kernel_time(k, hw), LAYERS[m.name]))
     rows += [(k, kernel_time(k, hw), n) for k, n in shared_kernels(gate, m, hw=hw)]
     return Step(rows)

@@ -169,3 +169,18 @@ def test_predict_reports_ranges_and_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bench.gpu_model", "--gate", str(tmp_path / "none.json")], cwd=ROOT,
                          capture_output=True, text=True, check=False, timeout=120)
     assert bad.returncode == 2 and "compile-gate JSON" in bad.stderr
+
+
+def test_lowrank_step_launches_one_shrink_per_group_of_projections_reading_the_same_x() -> None:
+    """q/k/v share one shrink launch and gate/up another (fastes/models/decoder.py): 4 per layer, not 7, each
+    group's launch with the names' programs and noise side by side and x from HBM once."""
+    m, t, n = QWEN_15B, DECODE_ROWS, MEMBERS
+    step = gpu_model.decode_step(EMPTY, m, "lowrank")
+    shrinks = [(k, launches) for k, _, launches in step.kernels if k.name == "lowrank shrink"]
+    assert len(shrinks) == 4 and all(launches == gpu_model.LAYERS[m.name] for _, launches in shrinks)
+    (qkv, _), (o, _), (gate_up, _), (down, _) = shrinks
+    assert qkv.programs == 3 * o.programs and qkv.iters == o.iters  # same shapes: q/k/v read hidden, o reads q
+    assert qkv.noise_values == 3 * n * m.hidden and gate_up.noise_values == 2 * n * m.hidden
+    assert qkv.bytes == 2 * t * m.hidden + 4 * t * 3 and down.noise_values == n * m.inter
+    gemms = [k for k, _, _ in step.kernels if k.name == "gemm lowrank"]
+    assert len(gemms) == 7  # every projection keeps its own GEMM with the low-rank epilogue
