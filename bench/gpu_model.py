@@ -134,13 +134,13 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
 
 # SASS instructions per thread in one iteration of the full-rank kernel's first K loop (base dot, noise tile,
 # noise dot), Rademacher at BK = 128: (BM, BN, warps) -> (INT32-pipe ALU ops: LOP3, SEL, SHF, ISETP, IADD3,
-# PRMT, ...; everything else: IMAD, F2FP, LDS/STS, LDSM, HMMA, branches). Counted with nvdisasm in the sm_90
-# cubins of the compile gate (Triton 3.9, 1.5B up_proj, T = 512; Triton 3.6's main loop within 7%): per value
-# 8.7 / 10.8 / 7.8 / 12.9 instructions against the 5.0 that noise_ops + APPLY_FP_OPS count (address arithmetic,
-# operand staging through shared memory and register moves of the mask constant come on top of Philox and the
-# bit expansion).
-FULL_RANK_LOOP_SASS = {(16, 64, 4): (155, 400), (16, 32, 4): (89, 255), (16, 128, 8): (132, 368),
-                       (32, 64, 8): (83, 329)}
+# PRMT, ...; everything else: IMAD, LDS/STS, LDSM, HMMA, branches). Counted with nvdisasm in the sm_90 cubins
+# of the compile gate (Triton 3.9, 1.5B up_proj, T = 512; Triton 3.6's main loop within 1%): per value 6.2 /
+# 9.5 / 6.4 / 8.4 instructions against the 5.0 that noise_ops + APPLY_FP_OPS count (address arithmetic,
+# operand staging through shared memory and register moves of the mask constant come on top of Philox and
+# the bit expansion, one shift and one and/xor per two bf16 signs).
+FULL_RANK_LOOP_SASS = {(16, 64, 4): (112, 284), (16, 32, 4): (97, 208), (16, 128, 8): (130, 281),
+                       (32, 64, 4): (153, 385)}
 FULL_RANK_DEFAULT = {"rademacher": ({"BM": 16, "BN": 64, "BK": 128}, 4, 3),
                      "gaussian": ({"BM": 32, "BN": 64, "BK": 64}, 4, 2)}  # (tiles, warps, CTAs/SM) without a gate
 

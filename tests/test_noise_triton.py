@@ -141,11 +141,16 @@ if ops.triton is not None:
         if MODE == 3:  # whole Rademacher blocks, flat
             v3 = philox.rademacher_blocks_flat(tl.arange(0, R * C // 128), k0, k1, tid, idx, step)
             tl.store(out_ptr + tl.arange(0, R * C), v3)
+        elif MODE >= 4:  # rows of 2 Rademacher blocks expanded in-thread, as float32 (4) or bfloat16 (5)
+            b = tl.arange(0, R * C // 256)[:, None] * 2 + tl.arange(0, 2)[None, :]
+            v4 = philox.rademacher_blocks_2d(b, k0, k1, tid, idx, step, MODE == 5).to(tl.float32)
+            tl.store(out_ptr + tl.arange(0, R * C // 256)[:, None] * 256 + tl.arange(0, 256)[None, :], v4)
         else:
             tl.store(out_ptr + rows * C + cols, v)
 
 
-@pytest.mark.parametrize(("mode", "kind"), [(0, "gaussian"), (1, "rademacher"), (2, "gaussian"), (3, "rademacher")])
+@pytest.mark.parametrize(("mode", "kind"), [(0, "gaussian"), (1, "rademacher"), (2, "gaussian"), (3, "rademacher"),
+                                           (4, "rademacher"), (5, "rademacher")])
 def test_device_functions_on_2d_tile(mode: int, kind: str) -> None:
     seed, tid, idx, step = 2**33 + 1, U32_MAX, 2**31 + 9, 3
     out = torch.full((16, 64), float("nan"), device=DEVICE)

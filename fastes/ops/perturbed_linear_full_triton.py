@@ -50,12 +50,13 @@ if triton is not None:
 
     @triton.jit
     def _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN: tl.constexpr, BK: tl.constexpr, KIND: tl.constexpr,
-                    LAYOUT: tl.constexpr):
-        """E[cols, kb:kb+BK] (fp32 [BN, BK]) of a dense [OUT, IN] stream; LAYOUT 2: one Philox call per 128-sign
-        block (IN and BK multiples of 128), 1: per 32-bit word (Rademacher) or per 4 Gaussians, 0: per value."""
+                    LAYOUT: tl.constexpr, BF16: tl.constexpr):
+        """E[cols, kb:kb+BK] ([BN, BK], fp32; bf16 signs on the LAYOUT 2 path with BF16) of a dense [OUT, IN]
+        stream; LAYOUT 2: one Philox call per 128-sign block (IN and BK multiples of 128), 1: per 32-bit word
+        (Rademacher) or per 4 Gaussians, 0: per value."""
         if LAYOUT == 2 and KIND == philox.RADEMACHER:
             b = (cols.to(tl.int64) * IN + kb)[:, None] // 128 + tl.arange(0, BK // 128)[None, :]
-            return philox.rademacher_blocks_2d(b, k0, k1, tid, idx, step)
+            return philox.rademacher_blocks_2d(b, k0, k1, tid, idx, step, BF16)
         elif LAYOUT != 0 and KIND == philox.RADEMACHER:  # IN, BK multiples of 32
             w = (cols.to(tl.int64) * IN + kb)[:, None] // 32 + tl.arange(0, BK // 32)[None, :]
             w = tl.reshape(w, (BN * (BK // 32),))
@@ -79,6 +80,7 @@ if triton is not None:
         PER: tl.constexpr = 32 if KIND == philox.RADEMACHER else 4  # values per word (per 4 Gaussians)
         LAYOUT: tl.constexpr = (2 if KIND == philox.RADEMACHER and IN_ALIGN % 128 == 0 and BK % 128 == 0
                                 else 1 if IN_ALIGN % PER == 0 and BK % PER == 0 else 0)
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # signs built as bf16 bits directly
         pid = tl.program_id(0)
         grid_m = tl.cdiv(T, BM)
         pid_m = pid % grid_m  # consecutive programs: the row tiles of one column tile, sharing W in L2
@@ -108,7 +110,7 @@ if triton is not None:
                 ks = kb + tl.arange(0, BK)
                 x = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & (ks < IN)[None, :], other=0.0)
                 w = tl.load(w_rows + ks[None, :] * swk, mask=cmask[:, None] & (ks < IN)[None, :], other=0.0)
-                e = _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND, LAYOUT)
+                e = _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND, LAYOUT, BF16)
                 if UPCAST:
                     x = x.to(tl.float32)
                     w = w.to(tl.float32)
@@ -122,7 +124,7 @@ if triton is not None:
             for kb in range(0, IN, BK):
                 ks = kb + tl.arange(0, BK)
                 x = tl.load(x_rows + ks[None, :] * sxk, mask=inq[:, None] & (ks < IN)[None, :], other=0.0)
-                e = _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND, LAYOUT)
+                e = _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN, BK, KIND, LAYOUT, BF16)
                 if UPCAST:
                     x = x.to(tl.float32)
                 noise = tl.dot(x, tl.trans(e.to(x.dtype)), noise, input_precision=PREC)
@@ -137,8 +139,8 @@ if triton is not None:
 # BM = 32 holds an antithetic pair's 32 decode rows (16 per member), BM = 16 one member's; BK = 128
 # gives Rademacher one Philox call per 128 signs.
 _CONFIGS = {
-    # (32, 128, 128) spills; so do (16, 64, 128) at 2 stages on Triton 3.9 and at maxnreg = 128 (4 CTAs/SM)
-    "rademacher": [(16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 128, 128, 8, 3), (32, 64, 128, 8, 3)],
+    # spilling on Triton 3.9: (32, 128, 128), (32, 32, 128), (16, 64, 128) at 2 stages or at maxnreg = 128
+    "rademacher": [(16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 128, 128, 8, 3), (32, 64, 128, 4, 3)],
     "gaussian": [(32, 64, 64, 4, 3), (16, 128, 64, 8, 3), (32, 128, 64, 8, 3)],  # (16, 64, 64) spills
     "fp32": [(32, 32, 16, 4, 2), (16, 32, 32, 8, 3)],  # ieee dots run on the CUDA cores; wider tiles spill
 }

@@ -149,21 +149,29 @@ def rademacher_blocks_flat(b, k0, k1, tid, idx, step):
 
 
 @triton.jit
-def rademacher_blocks_2d(b, k0, k1, tid, idx, step):
-    """Signs of 2-D blocks ``b`` [R, B] as [R, 128 B] float32 in stream order, one Philox call per 128 signs.
+def rademacher_blocks_2d(b, k0, k1, tid, idx, step, BF16: tl.constexpr = False):
+    """Signs of 2-D blocks ``b`` [R, B] as [R, 128 B] float32 (bfloat16 with ``BF16``) in stream order, one Philox
+    call per 128 signs.
 
     Built only with ``tl.join`` (which adds an in-thread dimension), so a thread expands the words it
-    made into 32 consecutive values each: the four words interleave, then five joins of (v << s, v)
-    shift bit j of a word to bit 31 (shifts 16, 8, 4, 2, 1 chosen per bit of 31 - j), and one
-    and/xor turns bit 31 into the float ±1 (0x3F800000 or 0xBF800000): ~2 ops per value, no
-    per-value word select or variable shift (``rademacher_rows``).
+    made into 32 consecutive values each, with no per-value word select or variable shift
+    (``rademacher_rows``). float32: five joins of (v << s, v) put bit j of a word at bit 31, and one
+    and/xor turns it into ±1 (0x3F800000 or 0xBF800000). BF16: four joins put bits j and j + 16 at
+    bits 15 and 31, and one and/xor makes both bf16 halves of a word at once (0x3F80 or 0xBF80).
     """
     x0, x1, x2, x3 = philox4x32_10(b.to(tl.uint32), tid, idx, step, k0, k1)
     v = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [R, B, 2, 2]: v[..., a, c] = word 2·a + c (join adds the minor dim)
-    for s in tl.static_range(5):  # bit j = 16·d0 + 8·d1 + 4·d2 + 2·d3 + d4 lands at bit 31
-        v = tl.join(v << (16 >> s), v)
-    f = (v & 0x80000000) ^ 0xBF800000  # bit 31 set: 0x3F800000 (+1); clear: 0xBF800000 (-1)
-    return tl.reshape(f.to(tl.float32, bitcast=True), (b.shape[0], b.shape[1] * 128))
+    if BF16:
+        for s in tl.static_range(4):  # bit j = 8·d0 + 4·d1 + 2·d2 + d3 (and j + 16) land at bit 15 (and 31)
+            v = tl.join(v << (8 >> s), v)
+        h = (v & 0x80008000) ^ 0xBF80BF80  # per half: bit 15 set: 0x3F80 (+1); clear: 0xBF80 (-1)
+        halves = tl.join((h & 0xFFFF).to(tl.uint16), (h >> 16).to(tl.uint16))  # [..., j, half]
+        e = tl.permute(halves, (0, 1, 2, 3, 8, 4, 5, 6, 7)).to(tl.bfloat16, bitcast=True)  # half before j
+    else:
+        for s in tl.static_range(5):  # bit j = 16·d0 + 8·d1 + 4·d2 + 2·d3 + d4 lands at bit 31
+            v = tl.join(v << (16 >> s), v)
+        e = ((v & 0x80000000) ^ 0xBF800000).to(tl.float32, bitcast=True)  # bit 31 set: +1; clear: -1
+    return tl.reshape(e, (b.shape[0], b.shape[1] * 128))
 
 
 @triton.jit
