@@ -186,25 +186,41 @@ def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int,
 
 
 def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, n: int, rank: int = 8) -> list[Kernel]:
-    """Rank-8 LoRA on the shared base GEMM: shrink H = x·A_mᵀ and expand y += H·B_mᵀ, noise on A and B."""
+    """Rank-8 LoRA on the shared base GEMM, noise on A and B (fastes/ops/lora_linear_triton.py).
+
+    Shrink: a program per (row tile, K split), one pass over its split per noise index the tile holds (the
+    gate's builds are antithetic, as bench.generate runs: a 32-row tile holds one pair), each K step one load
+    of x and A and the index's E_A tile. Expand: a program per (row tile, column tile) that waits on its base
+    tile and on its partials, S_CHUNK splits per load. Neither loop is software-pipelined (no cp.async in their
+    sm_90 PTX): stages = 1 whatever the launch asked for. Noise counted at N members all the same (the design
+    minimum without antithetic pairs)."""
     case = f"lora r={rank} gaussian bf16 {m.name} {case_shape} T={t}"
-    out = []
-    for kernel, width, bytes_ in (("_shrink_kernel", n_in, 2 * t * n_in + 2 * rank * n_in + 4 * t * rank),
-                                  ("_expand_kernel", n_out, 4 * t * n_out + 4 * t * rank + 2 * n_out * rank)):
+    defaults = {"_shrink_kernel": ({"BLOCK_M": 32, "BLOCK_K": 32, "R_PAD": 16}, 4, 3),
+                "_expand_kernel": ({"BLOCK_M": 32, "BLOCK_N": 128, "R_PAD": 16, "S_CHUNK": 8}, 8, 3)}
+    builds = {}
+    for kernel, (constexprs, warps, ctas) in defaults.items():
         found = gate.builds(case, kernel)
-        b, programs = found[0] if found else ({"constexprs": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_N": 32,
-                                                              "R_PAD": 16}, "num_warps": 4, "ctas_per_sm": 2,
-                                               "num_stages": 3}, 0)
-        c = b["constexprs"]
-        bm, r_pad = c["BLOCK_M"], c.get("R_PAD", 16)
-        per_tile = _members_per_tile(bm, t, n)
-        block = c["BLOCK_K"] if kernel == "_shrink_kernel" else c["BLOCK_N"]
-        tiles = math.ceil(t / bm) * math.ceil(width / block)
-        programs = programs or (math.ceil(t / bm) * (1 if kernel == "_shrink_kernel" else math.ceil(width / block)))
-        k = Kernel(f"lora {kernel[1:-7]}", bytes=bytes_, tc_flops=2.0 * t * width * r_pad * per_tile, tc="tf32",
-                   programs=programs, iters=tiles * per_tile / programs, **_shape_of(b))
-        out.append(k.add_noise(n * width * rank, "gaussian"))
-    return out
+        b, programs = found[0] if found else ({"constexprs": constexprs, "num_warps": warps, "ctas_per_sm": ctas}, 0)
+        builds[kernel] = (b, programs, {**_shape_of({**b, "num_stages": 1})})
+    b, programs, shape = builds["_shrink_kernel"]
+    c = b["constexprs"]
+    row_tiles = math.ceil(t / c["BLOCK_M"])
+    members = _members_per_tile(c["BLOCK_M"], t, n)  # an antithetic pair shares one noise index, one pass
+    passes = math.ceil(members / 2) if c.get("ANTITHETIC") else members
+    k_steps = math.ceil(n_in / c["BLOCK_K"])
+    programs = programs or row_tiles * min(24, k_steps)
+    splits = max(1, programs // row_tiles)
+    shrink = Kernel("lora shrink", bytes=2 * t * n_in + 2 * rank * n_in + 4 * splits * t * rank,
+                    tc_flops=2 * 2.0 * t * n_in * c["R_PAD"] * passes, tc="tf32", programs=programs,
+                    iters=math.ceil(k_steps / splits) * passes, **shape)
+    b, programs, shape = builds["_expand_kernel"]
+    c = b["constexprs"]
+    programs = programs or row_tiles * math.ceil(n_out / c["BLOCK_N"])
+    # partials from HBM once (the other column tiles' reads of them hit L2), base read and y written
+    expand = Kernel("lora expand", bytes=4 * t * n_out + 4 * splits * t * rank + 2 * n_out * rank,
+                    tc_flops=2.0 * t * n_out * c["R_PAD"] * (1 + passes), tc="tf32", programs=programs,
+                    iters=1 + math.ceil(splits / c.get("S_CHUNK", 1)), **shape)
+    return [shrink.add_noise(n * n_in * rank, "gaussian"), expand.add_noise(n * n_out * rank, "gaussian")]
 
 
 def shared_kernels(gate: Gate, m: Model, t: int = DECODE_ROWS, ctx: int = PROMPT_LEN + NEW_TOKENS // 2,
