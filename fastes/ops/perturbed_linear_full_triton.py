@@ -15,8 +15,8 @@ rounds to bf16 as X does); each row's σ·s·sign scales its noise accumulator o
 loop, so nothing is multiplied per K tile and the sum is x Wᵀ + σ·s·sign·x Eᵀ = x (W + σ·s·sign·E)ᵀ,
 the product the torch reference forms in fp32 (tests/test_perturbed_linear.py). Noise per tile:
 * Rademacher, IN and BK multiples of 128: one Philox call per 128 signs, its four words kept in
-  the thread that made them (``philox.rademacher_blocks_2d``); IN % 32 == 0: one call per 32-bit
-  word; otherwise one call per value.
+  the thread that made them and, for bf16, turned into signs two per 32-bit word
+  (``philox.rademacher_blocks_2d``); IN % 32 == 0: one call per 32-bit word; otherwise one per value.
 * Gaussian: one call per 4 values (IN % 4 == 0) plus Box-Muller per value.
 
 Cost, Qwen2.5-1.5B up_proj (8960 x 1536) at an N = 32 decode step (512 rows, 16 per member, bf16; counted
@@ -26,12 +26,13 @@ as N·numel, i.e. without the antithetic halving), H100 at 3.35 TB/s:
   in L2) + X + Y = 38.3 MB, 11 us;
 * tensor-core FLOPs: 2·T·in·out·(1 + members per row tile) = 28.2 GFLOP (mma.sync, m16n8k16), ~36 us;
 * CUDA-core instructions, counted in the sm_90 SASS of the K loop (Triton 3.9, 16 x 64 x 128 tile, 4 warps):
-  555 per thread per K step = 8.7 per noise value (Philox ~0.5-1, the bit expansion's shift and and/xor,
-  a register move of the mask constant and half a bf16 pack per value, then operand staging through
-  shared memory, the two mma and address arithmetic): 3.8e9 per launch, ~130 us at the full issue rate;
-  168 registers give 3 CTAs (12 warps) per SM, which hide 3/4 of the latency in bench/gpu_model.py.
-Predicted 174-209 us per launch (unperturbed GEMM ~20 us): CUDA-core bound; a step ratio of 0.28-0.33
-at 1.5B and 0.43-0.48 at 0.5B for Rademacher, 0.047 / 0.09 for Gaussian (Box-Muller bound). Predictions
+  396 per thread per K step = 6.2 per noise value (Philox ~1, one shift and one and/xor per two bf16
+  signs, a register move of the mask constant, then operand staging through shared memory, the two
+  mma and address arithmetic; 555 = 8.7 when the signs went through float32 and a bf16 pack):
+  2.7e9 per launch, ~92 us at the full issue rate; 168 registers give 3 CTAs (12 warps) per SM, which
+  hide 3/4 of the latency in bench/gpu_model.py.
+Predicted 125-160 us per launch (unperturbed GEMM ~20 us): CUDA-core bound; a step ratio of 0.35-0.42
+at 1.5B and 0.53-0.58 at 0.5B for Rademacher, 0.047 / 0.09 for Gaussian (Box-Muller bound). Predictions
 (``python -m bench.gpu_model``), not measurements.
 """
 
