@@ -134,8 +134,9 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
 
 # SASS instructions per thread in one iteration of the full-rank kernel's first K loop (base dot, noise tile,
 # noise dot), Rademacher at BK = 128: (BM, BN, warps) -> (INT32-pipe ALU ops: LOP3, SEL, SHF, ISETP, IADD3,
-# PRMT, ...; everything else: IMAD, LDS/STS, LDSM, HMMA, branches). Counted with nvdisasm in the sm_90 cubins
-# of the compile gate (Triton 3.9, 1.5B up_proj, T = 512; Triton 3.6's main loop within 1%): per value 6.2 /
+# PRMT, ...; everything else: IMAD, LDS/STS, LDSM, HMMA, branches), by ``python -m bench.compile.sass`` in the
+# sm_90 cubins of the compile gate (Triton 3.9, 1.5B up_proj, T = 512; Triton 3.6's within 1%). A further
+# member's loop (no W, one mma) is priced like the first (it measures ~72% of it). Per value 6.2 /
 # 9.5 / 6.4 / 8.4 instructions against the 5.0 that noise_ops + APPLY_FP_OPS count (address arithmetic,
 # operand staging through shared memory and register moves of the mask constant come on top of Philox and
 # the bit expansion, one shift and one and/xor per two bf16 signs).
