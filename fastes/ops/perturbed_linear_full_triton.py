@@ -25,7 +25,7 @@ as N·numel, i.e. without the antithetic halving), H100 at 3.35 TB/s:
 * bytes: W once from HBM (27.5 MB; the row tiles of a column tile run next to each other and share it
   in L2) + X + Y = 38.3 MB, 11 us;
 * tensor-core FLOPs: 2·T·in·out·(1 + members per row tile) = 28.2 GFLOP (mma.sync, m16n8k16), ~36 us;
-* CUDA-core instructions, counted in the sm_90 SASS of the K loop (Triton 3.9, 16 x 64 x 128 tile, 4 warps):
+* CUDA-core instructions in the K loop's sm_90 SASS (``bench.compile.sass``; Triton 3.9, 16 x 64 x 128, 4 warps):
   396 per thread per K step = 6.2 per noise value (Philox ~1, one shift and one and/xor per two bf16
   signs, a register move of the mask constant, then operand staging through shared memory, the two
   mma and address arithmetic; 555 = 8.7 when the signs went through float32 and a bf16 pack):
