@@ -83,6 +83,15 @@ def test_half_inputs(rng, mode, dtype):
     assert_close(out, perturbed_linear_ref(*args), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_rademacher_blocks(rng, dtype):
+    """in % 128 == 0: the full-rank per-block Rademacher path, signs built as bf16 bits (bf16) or float32 (fp16)."""
+    x, w, b, rm = make(rng, 40, 40, 256, 3, dtype=dtype)
+    args = (x, w, b, rm, spec("rademacher", True, rng), 0.3, 1.0, "full", 1, NAME)
+    out = perturbed_linear(*args, backend="triton")
+    assert_close(out, perturbed_linear_ref(*args), dtype)
+
+
 def test_cublas_base_and_strided_input(rng):
     """base="torch" (cuBLAS GEMM + epilogue kernel) and a non-contiguous x give the same result."""
     x, w, b, rm = make(rng, 30, 33, 130, 3)
