@@ -39,13 +39,19 @@ if triton is not None:
     NO_KEY = tl.constexpr(1 << 40)  # larger than any noise index: "no rows left" in the index loop
 
     @triton.jit
-    def _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr):
+    def _row_members(member_ptr, rows, rmask, HAS_NOISE: tl.constexpr):
+        """Each row's member (−1: unperturbed), loaded as early as a kernel can so that its latency overlaps."""
+        if HAS_NOISE:
+            return tl.load(member_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        return tl.full(rows.shape, -1, tl.int64)
+
+    @triton.jit
+    def _row_keys(mem, rmask, sigma, HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr):
         """(noise index per row (−1: unperturbed, NO_KEY past the end), σ·sign per row, smallest index ≥ 0).
 
         Rows are grouped by noise index, not member: an antithetic pair shares one noise tile, applied ±.
         """
         if HAS_NOISE:
-            mem = tl.load(member_ptr + rows, mask=rmask, other=-1).to(tl.int64)
             if ANTITHETIC:
                 key = tl.where(mem >= 0, mem >> 1, -1)
                 c = sigma * (1 - 2 * (mem & 1)).to(tl.float32)
@@ -85,7 +91,7 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         jj = tl.arange(0, R_PAD)
         jmask = jj < rank
-        key, c, _ = _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE, ANTITHETIC)
+        key, c, _ = _row_keys(_row_members(member_ptr, rows, rmask, HAS_NOISE), rmask, sigma, HAS_NOISE, ANTITHETIC)
         k_lo = split * k_split
         k_end = tl.minimum(in_f, k_lo + k_split)
         acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
@@ -118,8 +124,8 @@ if triton is not None:
         """out = base + scaling · H B_mᵀ, H = Σ_s H_s (fixed order); B_m = B + σ·sign·E_B (element n·r + j):
         H Bᵀ for every row at once, plus per noise index present σ·sign·H E_Bᵀ.
 
-        The base tile is loaded first and the partials S_CHUNK splits per load, so that a program waits on
-        about ⌈S / S_CHUNK⌉ loads, not one per split."""
+        The base tile, the row members and B are loaded first, then the partials S_CHUNK splits per load: a
+        program waits on ⌈S / S_CHUNK⌉ loads one after another, not one per split."""
         R_GEN: tl.constexpr = R_PAD >> PAD_STEPS  # noise columns generated: the rank, to a power of two
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < num_rows
@@ -129,6 +135,10 @@ if triton is not None:
         offs = rows64[:, None] * out_f + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         y = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mem = _row_members(member_ptr, rows, rmask, HAS_NOISE)
+        jj = tl.arange(0, R_PAD)
+        b = tl.load(b_ptr + cols[:, None] * rank + jj[None, :], mask=cmask[:, None] & (jj < rank)[None, :],
+                    other=0.0).to(tl.float32)
         jg = tl.arange(0, R_GEN)
         ss = tl.arange(0, S_CHUNK)
         h_ptrs = h_ptr + ss[:, None, None] * num_rows * rank + rows64[None, :, None] * rank + jg[None, None, :]
@@ -138,12 +148,9 @@ if triton is not None:
             part = tl.load(h_ptrs + s0 * num_rows * rank, mask=h_mask & (s0 + ss < splits)[:, None, None], other=0.0)
             h += tl.sum(part, axis=0)
         h = _pad_last(h, PAD_STEPS)  # [BLOCK_M, R_PAD], the padding columns zero
-        jj = tl.arange(0, R_PAD)
-        b = tl.load(b_ptr + cols[:, None] * rank + jj[None, :], mask=cmask[:, None] & (jj < rank)[None, :],
-                    other=0.0).to(tl.float32)
         acc = tl.dot(h, tl.trans(b), input_precision=PREC)
         if HAS_NOISE:
-            key, c, cur = _row_keys(member_ptr, rows, rmask, sigma, HAS_NOISE, ANTITHETIC)
+            key, c, cur = _row_keys(mem, rmask, sigma, HAS_NOISE, ANTITHETIC)
             hc = h * c[:, None]
             while cur < NO_KEY:  # padded columns get finite noise that meets zero columns of h
                 e_row = cols[:, None].to(tl.int64) * rank
