@@ -215,8 +215,9 @@ def perturbed_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], bia
 
     Triton lowrank: one shrink launch H = x·B_m serves up to 3 weights (docs/design.md, "Kernels on an H100,
     before any GPU"), then each weight's GEMM with its H; every other case is one call per weight, so
-    results are those of ``perturbed_linear`` (bitwise on the torch and reference backends and, as the
-    launch tiles depend on the shapes only, on Triton too). ``scales``: s of each weight (default 1).
+    results are those of ``perturbed_linear``: bitwise on the torch and reference backends and under the
+    Triton interpreter; on a GPU the group's H may sum fewer K splits (fp32 rounding order only).
+    ``scales``: s of each weight (default 1).
     """
     scales = [1.0] * len(weights) if scales is None else list(scales)
     if not len(weights) == len(biases) == len(names) == len(scales) or not weights:

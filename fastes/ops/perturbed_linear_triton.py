@@ -252,19 +252,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-SHRINK_PROGRAMS = 264  # two per SM of an H100 (132 SMs): the shrink is a read of X, it needs every SM
+SHRINK_PROGRAMS = 1056  # one wave of an H100 (132 SMs) at 8 CTAs/SM (sm_90 build: 55-64 registers, 8-9 CTAs/SM)
 
 
-def _shrink_splits(T: int, IN: int, bm: int, bk: int, interp: bool) -> tuple[int, int]:
-    """(K splits, BK) of the lowrank shrink: enough (row tile, K range) programs to fill the GPU.
+def _shrink_splits(T: int, IN: int, bm: int, bk: int, interp: bool, names: int = 1) -> tuple[int, int]:
+    """(K splits, BK) of the lowrank shrink: enough (row tile, K range, name) programs for one full wave.
 
     A decode batch has few row tiles (512 rows / 16 = 32 programs on 132 SMs), so the input dimension
-    is split too; the GEMM epilogue sums the partial H of the splits in a fixed order (no atomics).
-    Under the interpreter two splits whenever IN spans two K tiles, so that tests run the split path.
+    is split too, up to 32 ways, so that each program's serial loop is short (at 8960 inputs: 5 K tiles,
+    not 17.5 at 8 splits); the GEMM epilogue sums the partial H of the splits in a fixed order (no
+    atomics). ``names`` share the wave. Under the interpreter two splits whenever IN spans two K tiles,
+    so that tests run the split path.
     """
     if interp:
         return (2 if IN >= 2 * bk else 1), bk
-    splits = min(16, max(1, SHRINK_PROGRAMS // triton.cdiv(T, bm)), triton.cdiv(IN, 64))
+    splits = min(32, max(1, SHRINK_PROGRAMS // (names * triton.cdiv(T, bm))), triton.cdiv(IN, 64))
     splits = 1 << (splits.bit_length() - 1)
     return splits, (bk if splits == 1 else 64)
 
@@ -276,8 +278,9 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
     Grid (row tiles, K splits, G): each program one name's B tile per run and K range, so a group costs one
     launch, not G, and each name's noise is generated once (tests/test_perturbed_linear_group.py counts it).
 
-    ``coefs``: σ·s/√r of each name. Tiles and K splits depend on (T, in, r) only, so a name's H is
-    bitwise the one its own launch would write.
+    ``coefs``: σ·s/√r of each name. On a GPU the names share one wave of programs (fewer K splits each
+    than alone); under the interpreter the splits depend on (T, in, r) only, so a name's H is bitwise
+    the one its own launch would write.
     """
     if not 1 <= len(names) <= 3 or len(coefs) != len(names):
         raise ValueError(f"lowrank_shrink takes 1 to 3 names with one coef each, got {len(names)} and {len(coefs)}")
@@ -286,7 +289,7 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
     rp = _next_pow2(rank)
     bms = 32 if interp or T > 4096 else 16
     bks = 128 if interp else max(16, 4096 // (bms * rp))
-    splits, bks = _shrink_splits(T, IN, bms, bks, interp)
+    splits, bks = _shrink_splits(T, IN, bms, bks, interp, len(names))
     k_split = triton.cdiv(triton.cdiv(IN, splits), bks) * bks
     splits = triton.cdiv(IN, k_split)  # no empty split
     h = torch.empty((len(names), splits, T, rp), dtype=torch.float32, device=x.device)
