@@ -9,11 +9,13 @@ Runs are keyed by noise index, not member: an antithetic pair (2i, 2i + 1) is on
 generated once and applied with each row's sign (half the noise of keying by member).
 
 lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
-  1. ``_shrink_kernel``, grid (row tiles, K splits): partial H_s[t] = σ·s·sign/√r · x_t[K_s] B_m(t)[K_s]
-     (fp32 [S, T, RP]); B generated once per run and K range. A decode batch has few row tiles
-     (512 rows / 16 = 32 programs on 132 SMs, each a serial 1536-long loop: predicted ~0.15 of the
-     shrink's bandwidth); splitting the input dimension gives 256 programs (sm_90 compile: 56
-     registers, 9 CTAs/SM) and the same noise, N·in·r values.
+  1. ``_shrink_kernel``, grid (row tiles, K splits, names): partial H_s[t] = σ·s·sign/√r · x_t[K_s] B_m(t)[K_s]
+     (fp32 [G, S, T, RP]); B generated once per run, K range and name. A decode batch has few row
+     tiles (512 rows / 16 = 32 programs on 132 SMs, each a serial 1536-long loop: predicted ~0.15 of
+     the shrink's bandwidth); splitting the input dimension into up to 32 ranges fills one wave
+     (~1056 programs; sm_90 compile: 55-64 registers, 8-9 CTAs/SM) with the same noise, N·in·r
+     values per name. ``lowrank_shrink`` serves up to 3 names that read the same x in one launch
+     (q/k/v, gate/up: ``perturbed_linear_group``), so a decoder layer launches 4 shrinks, not 7.
   2. ``_gemm_kernel`` MODE=LOWRANK: the shared base GEMM X Wᵀ, then in the epilogue H = Σ_s H_s
      (fixed order: deterministic, no atomics) and, per chunk of SEGC runs of the tile, one
      tensor-core dot Hexp [BM, SEGC·RP] · Astack [SEGC·RP, BN] (SEGC·RP = 16), where Hexp holds
@@ -35,8 +37,9 @@ lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
     predicted ratio 0.84 / 0.95 / 0.85 (Gaussian, N = 32; 0.79 / 0.92 / 0.82 at N = 128).
   * noise: N·r·(in+out) values = 0.1-1.3 M at N = 32-128 (0.3-3.7 us Gaussian); at N = 2048,
     R = 1 it is 6-21 M values (17-59 us): ratio 0.39-0.53 Gaussian, 0.76-0.89 Rademacher.
-  To reach 0.95 per model the X re-read must go: one shrink for the projections that share X
-  (q/k/v, gate/up), and the down_proj shrink fused into the op that produces its input.
+  Done: one shrink for the projections that share X (q/k/v, gate/up). A decode step is then
+  launch-bound: 4 shrinks x ~2 us per layer, predicted ratio 0.93-0.94 at 1.5B, 0.92-0.93 at
+  0.5B (docs/design.md); 0.95 needs the shrinks fused into the ops that produce their inputs.
   ``base="torch"`` runs the base GEMM in cuBLAS and the epilogue kernel adds the low-rank
   term to Y (one more read + write of Y); the benchmark measures both.
 
