@@ -191,10 +191,10 @@ def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, 
 
     Shrink: a program per (row tile, K split), one pass over its split per noise index the tile holds (the
     gate's builds are antithetic, as bench.generate runs: a 32-row tile holds one pair), each K step one load
-    of x and A and the index's E_A tile. Expand: a program per (row tile, column tile) that waits on its base
-    tile and on its partials, S_CHUNK splits per load. Neither loop is software-pipelined (no cp.async in their
-    sm_90 PTX): stages = 1 whatever the launch asked for. Noise counted at N members all the same (the design
-    minimum without antithetic pairs)."""
+    of x and A and the index's E_A tile. Expand: a program per (row tile, column tile) that issues its base
+    tile, row members and B first, then waits on its partials, S_CHUNK splits per load. Neither loop is
+    software-pipelined (no cp.async in their sm_90 PTX): stages = 1 whatever the launch asked for. Noise
+    counted at N members all the same (the design minimum without antithetic pairs)."""
     case = f"lora r={rank} gaussian bf16 {m.name} {case_shape} T={t}"
     defaults = {"_shrink_kernel": ({"BLOCK_M": 32, "BLOCK_K": 32, "R_PAD": 16}, 4, 3),
                 "_expand_kernel": ({"BLOCK_M": 32, "BLOCK_N": 128, "R_PAD": 16, "S_CHUNK": 8}, 8, 3)}
@@ -213,14 +213,14 @@ def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, 
     splits = max(1, programs // row_tiles)
     shrink = Kernel("lora shrink", bytes=2 * t * n_in + 2 * rank * n_in + 4 * splits * t * rank,
                     tc_flops=2 * 2.0 * t * n_in * c["R_PAD"] * passes, tc="tf32", programs=programs,
-                    iters=math.ceil(k_steps / splits) * passes, **shape)
+                    iters=1 + math.ceil(k_steps / splits) * passes, **shape)  # the row members, then x/A loads
     b, programs, shape = builds["_expand_kernel"]
     c = b["constexprs"]
     programs = programs or row_tiles * math.ceil(n_out / c["BLOCK_N"])
     # partials from HBM once (the other column tiles' reads of them hit L2), base read and y written
     expand = Kernel("lora expand", bytes=4 * t * n_out + 4 * splits * t * rank + 2 * n_out * rank,
                     tc_flops=2.0 * t * n_out * c["R_PAD"] * (1 + passes), tc="tf32", programs=programs,
-                    iters=1 + math.ceil(splits / c.get("S_CHUNK", 1)), **shape)
+                    iters=math.ceil(splits / c.get("S_CHUNK", 1)), **shape)  # base, members, B in flight meanwhile
     return [shrink.add_noise(n * n_in * rank, "gaussian"), expand.add_noise(n * n_out * rank, "gaussian")]
 
 
