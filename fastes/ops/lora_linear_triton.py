@@ -2,9 +2,10 @@
 
 The shared base GEMM ``F.linear`` (one read of W for every member), a shrink ``H = x A_mᵀ``
 (fp32, as K-split partials [S, T, r]) and an expand ``y += scaling · (Σ_s H_s) B_mᵀ``, with
-A_m = A + σ·sign·E_A, B_m = B + σ·sign·E_B. Both kernels do the adapter's own dot once for all
-rows of a tile, then one noise dot per *noise index* present (rows of other indices zeroed, each
-row scaled by its σ·sign): an antithetic pair shares its noise tile, generated once.
+A_m = A + σ·sign·E_A, B_m = B + σ·sign·E_B. The expand does the adapter's own dot once for all rows
+of a tile, the shrink once per group of rows of one noise index; then one noise dot per *noise index*
+present (rows of other indices zeroed, each row scaled by its σ·sign): an antithetic pair shares its
+noise tile, generated once.
 
 Cost at a decode step, T = 512 rows (N = 32 × 16, sorted by member), in = out = 1536, r = 8, bf16, H100
 (every time here is PREDICTED by bench/gpu_model.py on the sm_90 compile gate; no GPU has run these):
@@ -22,8 +23,11 @@ Cost at a decode step, T = 512 rows (N = 32 × 16, sorted by member), in = out =
   index's rows sit in one row tile (r' = r to a power of two; the tile is widened with zeros to the
   16 that tl.dot needs), nothing per K split or column tile beyond the index's own columns; unperturbed
   rows generate none.
-* predicted per launch at the 1.5B q shape: shrink ~PS µs, expand ~PE µs (before: 7.4 and 3.8 µs, each
-  program looping over the 4 members of its 64-row tile); decode step ratio to unperturbed PR.
+* predicted (bench/gpu_model.py, Triton 3.9 gate; latency-bound, 2 µs of each is the launch): shrink
+  4.5 µs and expand 4.5 µs per launch at the 1.5B q shape; per 1.5B decode step shrink 1.13 ms, expand
+  1.16-1.29 ms (before: 3.58 and 1.74 ms under the same unpipelined loops, each program looping over the
+  4 members of its 64-row tile); LoRA decode ratio 0.696-0.708 (0.5B) and 0.736-0.746 (1.5B) of
+  unperturbed, was 0.55-0.56.
 """
 
 from __future__ import annotations
