@@ -184,3 +184,26 @@ def test_lowrank_step_launches_one_shrink_per_group_of_projections_reading_the_s
     assert qkv.bytes == 2 * t * m.hidden + 4 * t * 3 and down.noise_values == n * m.inter
     gemms = [k for k, _, _ in step.kernels if k.name == "gemm lowrank"]
     assert len(gemms) == 7  # every projection keeps its own GEMM with the low-rank epilogue
+
+
+def _lora_gate(antithetic: bool) -> gpu_model.Gate:
+    case = f"lora r=8 gaussian bf16 {QWEN_15B.name} q T={DECODE_ROWS}"
+    return gpu_model.Gate({"kernels": [
+        {"kernel": "_shrink_kernel",
+         "constexprs": {"BLOCK_M": 32, "BLOCK_K": 32, "R_PAD": 16, "ANTITHETIC": antithetic},
+         "num_warps": 4, "num_stages": 3, "ctas_per_sm": 3, "launches": [[case, [16, 24, 1]]]},
+        {"kernel": "_expand_kernel", "constexprs": {"BLOCK_M": 32, "BLOCK_N": 128, "R_PAD": 16, "S_CHUNK": 8},
+         "num_warps": 8, "num_stages": 3, "ctas_per_sm": 3, "launches": [[case, [16, 12, 1]]]}]})
+
+
+def test_lora_programs_per_row_tile_and_split_one_pass_per_noise_index() -> None:
+    """Shrink: 16 row tiles x 24 K splits of 2 steps (32 columns), one pass per noise index of a 32-row tile (the
+    antithetic pair: 1, else its 2 members), after the row members' load; expand: 24 partials in 3 loads of 8."""
+    t, n = DECODE_ROWS, MEMBERS
+    for antithetic, passes in ((True, 1), (False, 2)):
+        shrink, expand = gpu_model.linear_kernels(_lora_gate(antithetic), QWEN_15B, "lora", 1536, 1536, "q")[1:]
+        assert shrink.programs == 384 and shrink.iters == 1 + 2 * passes and shrink.stages == 1
+        assert shrink.bytes == 2 * t * 1536 + 2 * 8 * 1536 + 4 * 24 * t * 8  # x, A, the 24 partials written
+        assert shrink.tc_flops == 2 * 2.0 * t * 1536 * 16 * passes and shrink.noise_values == n * 1536 * 8
+        assert expand.programs == 192 and expand.iters == 3 and expand.stages == 1 and expand.ctas_per_sm == 3
+        assert expand.bytes == 4 * t * 1536 + 4 * 24 * t * 8 + 2 * 1536 * 8 and expand.noise_values == n * 1536 * 8
