@@ -189,3 +189,18 @@ def test_qwen_sized_layer_on_gpu(dtype, kind):
                       backend="reference")
     rtol = 1e-4 if dtype == torch.float32 else 2**-6  # fp32 base GEMM may run in tf32 per torch settings
     torch.testing.assert_close(y[sub].float(), ref.float(), rtol=0, atol=float(ref.float().abs().max()) * rtol)
+
+
+def test_expand_sums_partials_over_several_loads(rng):
+    """Seven K-split partials at 64-row tiles and rank 8 take two loads of up to four (the second ragged): the
+    expand must equal base + scaling · (Σ_s H_s) Bᵀ, with noise as with the partials summed beforehand."""
+    rows, rank = 40, 8
+    parts = torch.randn(7, rows, rank, generator=rng)
+    base, lora_b = torch.randn(rows, OUT, generator=rng), torch.randn(OUT, rank, generator=rng)
+    y = lora_expand_triton(base.clone(), parts, lora_b, 1.3, None, None, 0.0, NAME_B, block_m=64)
+    _close(y, base + 1.3 * parts.sum(0) @ lora_b.T)
+    row_member, spec = torch.randint(-1, 4, (rows,), generator=rng), _spec(rng, "gaussian", True)
+    noisy = [lora_expand_triton(base.clone(), h, lora_b, 1.3, row_member, spec, 0.2, NAME_B, block_m=64)
+             for h in (parts, parts.sum(0))]
+    _close(noisy[0], noisy[1])
+    assert not torch.allclose(noisy[0], y)

@@ -124,3 +124,17 @@ def test_lowrank_update_generates_each_factor_once(rank, kind, antithetic, dtype
         per_call = 4 if kind == "gaussian" else 32  # a Gaussian block; a Rademacher word
         assert counts.philox_calls("_lowrank_factors_kernel") == k * rank * (out_f + in_f) // per_call
         assert counts.philox_calls("_lowrank_kernel") == (out_f * in_f // 4 if dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("plain_first", [True, False])
+def test_lora_unperturbed_rows_generate_no_noise(plain_first):
+    """Unperturbed rows (−1) beside members in a row tile take the adapter alone: the count stays members × r ×
+    (in, out), whether they come before or after the members' rows."""
+    rank, members = 4, _rows(4, 4)
+    plain = torch.full((16,), -1)
+    rm = torch.cat([plain, members] if plain_first else [members, plain])
+    x = torch.randn(32, IN)
+    counts = _count(lambda: lora_linear_triton(x, torch.randn(OUT, IN), None, torch.randn(rank, IN),
+                                               torch.randn(OUT, rank), 2.0, rm, _spec(), 0.1, "a", "b"))
+    assert counts.values("_shrink_kernel") == 4 * IN * rank
+    assert counts.values("_expand_kernel") == 4 * OUT * rank
