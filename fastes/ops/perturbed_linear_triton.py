@@ -269,6 +269,8 @@ def _shrink_splits(T: int, IN: int, bm: int, bk: int, interp: bool, names: int =
     """
     if interp:
         return (2 if IN >= 2 * bk else 1), bk
+    if names * triton.cdiv(T, bm) >= 132:  # a program per SM already (prefill): whole rows, the BK = 128 build
+        return 1, bk
     splits = min(32, max(1, SHRINK_PROGRAMS // (names * triton.cdiv(T, bm))), triton.cdiv(IN, 64))
     splits = 1 << (splits.bit_length() - 1)
     return splits, (bk if splits == 1 else 64)
