@@ -17,7 +17,7 @@ Cost at a decode step, T = 512 rows (N = 32 × 16, sorted by member), in = out =
   pair, 16 rows per member) or two, each a pass over the split with its E_A tile generated once.
   sm_90: 144 registers (Triton 3.6: 148), 3 CTAs/SM, no spills. Partials S·T·r·4 B = 0.39 MB.
 * expand: a program per (32-row tile, 128 columns), 16 × 12 = 192 programs; reads and writes y in place
-  (3.1 MB), the base tile loaded first, the 24 partials in 3 loads of 8; sm_90 8 warps, 80 registers
+  (3.1 MB), base, members and B loaded first, the 24 partials in 3 loads of 8; sm_90 8 warps, 79 registers
   (3.6: 127), 3 (2) CTAs/SM.
 * noise per launch (tests/test_work_counts.py): (noise indices present)·r'·(in + out) when each
   index's rows sit in one row tile (r' = r to a power of two; the tile is widened with zeros to the
