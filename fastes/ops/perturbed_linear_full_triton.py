@@ -47,7 +47,7 @@ from fastes.ops._triton import KEY_ARGS, philox, tl, triton  # None without Trit
 _SCALARS = [*KEY_ARGS, "coef"]
 
 if triton is not None:
-    from fastes.ops.perturbed_linear_triton import _noise_sign, _runs
+    from fastes.ops.member_runs_triton import _noise_sign, _runs
 
     @triton.jit
     def _noise_tile(cols, kb, IN, k0, k1, tid, idx, step, BN: tl.constexpr, BK: tl.constexpr, KIND: tl.constexpr,
