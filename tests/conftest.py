@@ -12,8 +12,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Test tensors are tiny: one intra-op thread is faster and immune to oversubscription (tests that check
-# thread-count independence pass their thread counts explicitly).
+# thread-count independence pass their thread counts explicitly). OMP_NUM_THREADS=1 keeps `fastes train`
+# in this process and in the subprocesses tests start at one thread too (runtime.cpu_threads_for would
+# otherwise take one per idle core), so in-process and torchrun runs stay bit-comparable.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
