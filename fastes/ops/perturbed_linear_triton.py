@@ -14,7 +14,8 @@ lowrank (EGGROLL, E_m = A_m B_mᵀ/√r), two launches:
      tiles (512 rows / 16 = 32 programs on 132 SMs, each a serial 1536-long loop: predicted ~0.15 of
      the shrink's bandwidth); splitting the input dimension into up to 32 ranges fills one wave
      (~1056 programs; sm_90 compile: 55-64 registers, 8-9 CTAs/SM) with the same noise, N·in·r
-     values per name. ``lowrank_shrink`` serves up to 3 names that read the same x in one launch
+     values per name (fp32 x: the same K ranges in BK = 32 tiles; BK = 64 spilled 8 B on Triton 3.6).
+     ``lowrank_shrink`` serves up to 3 names that read the same x in one launch
      (q/k/v, gate/up: ``perturbed_linear_group``), so a decoder layer launches 4 shrinks, not 7.
   2. ``_gemm_kernel`` MODE=LOWRANK: the shared base GEMM X Wᵀ, then in the epilogue H = Σ_s H_s
      (fixed order: deterministic, no atomics) and, per chunk of SEGC runs of the tile, one
@@ -266,6 +267,9 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
     splits, bks = _shrink_splits(T, IN, bms, bks, interp, len(names))
     k_split = triton.cdiv(triton.cdiv(IN, splits), bks) * bks
     splits = triton.cdiv(IN, k_split)  # no empty split
+    # fp32 x on the split path: BK = 32 in the same K ranges (k_split stays a multiple of 64). The BK = 64
+    # fp32 Gaussian build spilled 8 B on Triton 3.6 (56 registers); BK = 32: 48 (3.6) / 54 (3.9), no spill.
+    bkl = 32 if x.dtype == torch.float32 and bks == 64 and not interp else bks
     h = torch.empty((len(names), splits, T, rp), dtype=torch.float32, device=x.device)
     scalars = key_args(noise.seed, tensor_id(names[0]), noise.step)
     tids = [as_i32(tensor_id(n)) for n in names[1:]] + [0, 0]
@@ -273,7 +277,7 @@ def lowrank_shrink(x: torch.Tensor, rm: torch.Tensor, noise: NoiseSpec, names: l
     _shrink_kernel[(triton.cdiv(T, bms), splits, len(names))](
         x, rm, h, T, IN, rank, k_split, x.stride(0), x.stride(1), **scalars, coef=float(coefs[0]),
         tid1=tids[0], tid2=tids[1], coef1=cs[0], coef2=cs[1], KIND=KIND_INT[noise.kind], ANTI=bool(noise.antithetic),
-        LAYOUT_OK=rp == rank, RP=rp, BM=bms, BK=bks)
+        LAYOUT_OK=rp == rank, RP=rp, BM=bms, BK=bkl)
     return h, splits
 
 
