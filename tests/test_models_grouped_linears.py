@@ -67,3 +67,42 @@ def test_bias_noise_keeps_q_k_v_on_their_own(qwen2, monkeypatch):
     assert calls == [["gate_proj", "up_proj"]] * 2
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def qwen2_lora(tmp_path_factory: pytest.TempPathFactory):
+    """The same 2-layer Qwen2 with rank-4 LoRA on every projection, B made nonzero so that the adapters count."""
+    path = tmp_path_factory.mktemp("qwen2_lora")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1e6)
+    random_hf_model(config, 3, path)
+    model = load_model(path)
+    model.add_lora(rank=4, alpha=8.0, seed=2)
+    g = torch.Generator().manual_seed(1)
+    for _, name_b in model.lora.values():
+        model.params[name_b].copy_(0.2 * torch.randn(model.params[name_b].shape, generator=g))
+    return model
+
+
+def test_grouped_triton_lora_forward_equals_the_cpu_forward(qwen2_lora, monkeypatch):
+    """q/k/v and gate/up LoRA go through one lora_linear_group each (one shrink launch on Triton); the logits
+    are the CPU forward's (one lora_linear per projection)."""
+    pop = Population(size=4, sigma=5e-2, mode="lora", rank=4, seed=5, antithetic=True)
+    prompts, members = random_ids(64, [5, 3, 4], vocab=64), [1, -1, 2]
+    want = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="cpu"))
+    calls: list[list[str]] = []
+    real = decoder_lib.lora_linear_group
+
+    def spy(x, weights, biases, loras_a, loras_b, *args, **kwargs):
+        calls.append([n.split(".")[-3] for n in args[4]])
+        return real(x, weights, biases, loras_a, loras_b, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_lib, "lora_linear_group", spy)
+    got = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="triton"))
+    assert calls == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    unperturbed = packed_prefill(qwen2_lora, prompts)
+    assert (got[0] - unperturbed[0]).abs().max() > 1e-3  # member 1's adapter noise reached the logits
+    torch.testing.assert_close(got[1], unperturbed[1], atol=1e-4, rtol=0)  # the -1 sequence has none

@@ -21,6 +21,7 @@ LAUNCHERS = {
     "lowrank_shrink": "fastes.ops.perturbed_linear_triton:lowrank_shrink",
     "embedding": "fastes.ops.perturbed_embedding:perturbed_embedding_triton",
     "lora": "fastes.ops.lora_linear:lora_linear_triton",
+    "lora_shrink_group": "fastes.ops.lora_linear:lora_shrink_group",
     "write_kv": "fastes.ops.attention_triton:write_kv_triton",
     "attention": "fastes.ops.attention_triton:paged_attention_triton",
     "num_splits": "fastes.ops.attention_triton:default_num_splits",
@@ -193,6 +194,18 @@ def _embedding_lora_cases(specs: dict[str, Any]) -> list[Case]:
                 launcher("lora")(_meta((t, in_f), bf16), _meta((out_f, in_f), bf16), None, _meta((8, in_f), bf16),
                                  _meta((out_f, 8), bf16), 2.0, _rows(t), specs["gaussian"], 0.1, "a", "b")
             cases.append(Case(f"lora r=8 gaussian bf16 {model.name} {lname} T={DECODE_ROWS}", run_proj))
+        for dtype in (torch.bfloat16, torch.float32):  # the decoder's grouped LoRA shrinks: q/k/v, gate/up
+            for kind in ("gaussian", "rademacher"):
+                for group in ("qkv", "gate+up"):
+                    def run_group(model: Model = model, dtype: Any = dtype, kind: str = kind,
+                                  group: str = group) -> None:
+                        names = ["q", "k", "v"] if group == "qkv" else ["gate", "up"]
+                        launcher("lora_shrink_group")(_meta((DECODE_ROWS, model.hidden), dtype),
+                                                      [_meta((8, model.hidden), dtype)] * len(names),
+                                                      _rows(DECODE_ROWS), specs[kind], 0.1, names)
+                    dname = "bf16" if dtype == torch.bfloat16 else "fp32"
+                    cases.append(Case(f"lora shrink {group} r=8 {kind} {dname} {model.name} T={DECODE_ROWS}",
+                                      run_group))
     for dtype in (torch.bfloat16, torch.float32):
         for rank, (out_f, in_f) in ((8, (m.hidden, m.hidden)), (16, (m.hidden, m.hidden)), (64, (m.inter, m.hidden))):
             for kind in ("gaussian", "rademacher"):

@@ -35,7 +35,7 @@ from fastes.models.config import ModelConfig
 from fastes.models.perturbation import Perturbation, measure_scales
 from fastes.models.rope import apply_rope, inv_freq, rope_cos_sin
 from fastes.ops.attention import paged_attention, write_kv
-from fastes.ops.lora_linear import lora_linear
+from fastes.ops.lora_linear import lora_linear, lora_linear_group
 from fastes.ops.perturbed_embedding import perturbed_embedding
 from fastes.ops.perturbed_linear import perturbed_linear, perturbed_linear_group
 
@@ -265,8 +265,11 @@ class CausalLM:
     def _linears(self, x: torch.Tensor, prefixes: Sequence[str], rows: _Rows,
                  pert: Perturbation | None) -> list[torch.Tensor]:
         """``_linear`` of projections that read the same x (q/k/v, gate/up). When every one has 2-D noise and
-        none has LoRA or bias noise, one grouped op: on Triton lowrank one shrink launch serves them all."""
+        none has LoRA or bias noise, one grouped op: on Triton lowrank one shrink launch serves them all; when
+        every one has LoRA (all perturbed or none), one LoRA group: on Triton one shrink launch."""
         wnames = [p + "weight" for p in prefixes]
+        if all(w in self.lora for w in wnames):
+            return self._lora_linears(x, wnames, rows, pert)
         args = [self._op_args(w, 2, "matrix", pert) for w in wnames]
         if (pert is None or rows.member is None or any(a["noise"] is None for a in args)
                 or any(w in self.lora for w in wnames)
@@ -276,6 +279,22 @@ class CausalLM:
         biases = [self.params.get(p + "bias") for p in prefixes]
         return perturbed_linear_group(x, [self.params[w] for w in wnames], biases, wnames, rows.member, pert.noise,
                                       pert.sigma, scales, pert.mode, pert.rank, pert.num_members, pert.backend)
+
+    def _lora_linears(self, x: torch.Tensor, wnames: Sequence[str], rows: _Rows,
+                      pert: Perturbation | None) -> list[torch.Tensor]:
+        """``_linear`` of LoRA projections that read the same x, as one ``lora_linear_group`` when their adapters
+        are all perturbed or all not (the group shares σ and the noise spec)."""
+        perturbed = {pert is not None and pert.perturbs(w, 2, "lora") for w in wnames}
+        if len(perturbed) != 1:
+            return [self._linear(x, w[: -len("weight")], rows, pert) for w in wnames]
+        on = perturbed.pop()
+        pairs = [self.lora[w] for w in wnames]
+        return lora_linear_group(x, [self.params[w] for w in wnames],
+                                 [self.params.get(w[: -len("weight")] + "bias") for w in wnames],
+                                 [self.params[a] for a, _ in pairs], [self.params[b] for _, b in pairs],
+                                 self.lora_scaling, rows.member, pert.noise if on else None,
+                                 pert.sigma if on else 0.0, [a for a, _ in pairs], [b for _, b in pairs],
+                                 pert.num_members if on else None, pert.backend if pert is not None else self.backend)
 
     def _attention(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
                    kv: tuple[torch.Tensor, torch.Tensor], rows: _Rows, pert: Perturbation | None) -> torch.Tensor:

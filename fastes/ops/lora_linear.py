@@ -9,6 +9,8 @@ y += scaling · H B_mᵀ with the adapters' noise generated in registers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fastes.noise import NoiseSpec, member_noise_tensor
@@ -22,11 +24,16 @@ from fastes.ops.checks import (
     values_checkable,
 )
 from fastes.ops.dispatch import backends, choose
-from fastes.ops.lora_linear_triton import lora_expand_triton, lora_linear_triton, lora_shrink_triton
+from fastes.ops.lora_linear_triton import (
+    lora_expand_triton,
+    lora_linear_triton,
+    lora_shrink_group,
+    lora_shrink_triton,
+)
 
 BACKENDS = backends("reference", "cpu", "triton")
-__all__ = ["BACKENDS", "lora_expand_triton", "lora_linear", "lora_linear_ref", "lora_linear_triton",
-           "lora_shrink_triton", "members_present"]
+__all__ = ["BACKENDS", "lora_expand_triton", "lora_linear", "lora_linear_group", "lora_linear_ref",
+           "lora_linear_triton", "lora_shrink_group", "lora_shrink_triton", "members_present"]
 
 
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -76,6 +83,52 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 name_b: str = "lora_B.weight", num_members: int | None = None,
                 backend: str = "auto") -> torch.Tensor:
     """x [T, in] through frozen W [out, in] and member-perturbed adapters A [r, in], B [out, r]."""
+    _check_args(x, weight, bias, lora_a, lora_b, scaling, row_member, noise, sigma, num_members)
+    chosen = choose(backend, BACKENDS, x)
+    args = (x, weight, bias, lora_a, lora_b, scaling, row_member, noise, sigma, name_a, name_b)
+    if chosen == "reference":
+        return lora_linear_ref(*args)
+    if chosen == "triton":
+        return lora_linear_triton(*args)
+    return _lora_linear_cpu(*args)
+
+
+def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                      loras_a: Sequence[torch.Tensor], loras_b: Sequence[torch.Tensor], scaling: float = 1.0,
+                      row_member: torch.Tensor | None = None, noise: NoiseSpec | None = None, sigma: float = 0.0,
+                      names_a: Sequence[str] = (), names_b: Sequence[str] = (), num_members: int | None = None,
+                      backend: str = "auto") -> list[torch.Tensor]:
+    """``lora_linear`` of several weights that read the same x (q/k/v, gate/up): one output per weight.
+
+    Triton: one shrink launch serves up to 3 adapters of one rank (docs/design.md, "Kernels on an H100,
+    before any GPU"), then each weight's base GEMM and expand as ``lora_linear``. Results are those of
+    ``lora_linear`` per weight: bitwise on the torch and reference backends (one call each) and under the
+    Triton interpreter; on a GPU the group's H may sum fewer K splits (fp32 rounding order only).
+    """
+    n = len(weights)
+    if not n or not len(biases) == len(loras_a) == len(loras_b) == len(names_a) == len(names_b) == n:
+        raise ValueError(f"lora_linear_group needs one bias, A, B and A/B name per weight, got {n} weights, "
+                         f"{len(biases)} biases, {len(loras_a)} A, {len(loras_b)} B, {len(names_a)} A names, "
+                         f"{len(names_b)} B names")
+    for w, b, a, bb in zip(weights, biases, loras_a, loras_b, strict=True):
+        _check_args(x, w, b, a, bb, scaling, row_member, noise, sigma, num_members)
+    chosen = choose(backend, BACKENDS, x)
+    if chosen != "triton" or len({a.shape[0] for a in loras_a}) != 1:
+        return [lora_linear(x, w, b, a, bb, scaling, row_member, noise, sigma, na, nb, num_members, chosen)
+                for w, b, a, bb, na, nb in zip(weights, biases, loras_a, loras_b, names_a, names_b, strict=True)]
+    outs = []
+    for c in range(0, n, 3):  # the shrink kernel takes up to 3 adapters
+        part = range(c, min(c + 3, n))
+        parts = lora_shrink_group(x, [loras_a[i] for i in part], row_member, noise, sigma, [names_a[i] for i in part])
+        outs += [lora_linear_triton(x, weights[i], biases[i], loras_a[i], loras_b[i], scaling, row_member, noise,
+                                    sigma, names_a[i], names_b[i], parts=parts[g]) for g, i in enumerate(part)]
+    return outs
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, row_member: torch.Tensor | None, noise: NoiseSpec | None,
+                sigma: float, num_members: int | None) -> None:
+    """One-line errors for bad inputs of ``lora_linear`` (one weight)."""
     check_tensor(x, "x", 2)
     check_tensor(weight, "weight", 2)
     check_tensor(lora_a, "lora_a", 2)
@@ -105,10 +158,3 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     check_noise_args(noise, sigma, "full", 1, out_f, in_f)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling must be a number, got {scaling!r}")
-    chosen = choose(backend, BACKENDS, x)
-    args = (x, weight, bias, lora_a, lora_b, scaling, row_member, noise, sigma, name_a, name_b)
-    if chosen == "reference":
-        return lora_linear_ref(*args)
-    if chosen == "triton":
-        return lora_linear_triton(*args)
-    return _lora_linear_cpu(*args)

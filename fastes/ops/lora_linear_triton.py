@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from fastes import _backend
-from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, tensor_id
+from fastes.noise import KIND_INT, VALUES_PER_BLOCK, NoiseSpec, as_i32, tensor_id
 from fastes.ops._triton import TRITON_ERROR as _TRITON_ERROR
 from fastes.ops._triton import key_args, philox, tl, triton
 
@@ -77,13 +77,17 @@ if triton is not None:
             e = tl.reshape(tl.permute(tl.join(e, tl.zeros_like(e)), (0, 2, 1)), (e.shape[0], 2 * e.shape[1]))
         return e
 
-    @triton.jit(do_not_specialize=["num_rows", "k_split", "sigma", "k0", "k1", "tid", "step"])
-    def _shrink_kernel(h_ptr, x_ptr, a_ptr, member_ptr, num_rows, in_f, rank, k_split, sigma, k0, k1, tid, step,
+    @triton.jit(do_not_specialize=["num_rows", "k_split", "sigma", "k0", "k1", "tid", "tid1", "tid2", "step"])
+    def _shrink_kernel(h_ptr, x_ptr, a_ptr, a1_ptr, a2_ptr, member_ptr, num_rows, in_f, rank, k_split, sigma, k0,
+                       k1, tid, tid1, tid2, step,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PAD_STEPS: tl.constexpr,
                        HAS_NOISE: tl.constexpr, ANTITHETIC: tl.constexpr,
                        KIND: tl.constexpr, BLOCKED: tl.constexpr, PREC: tl.constexpr):
-        """Partial H_s[rows] = x[rows, K_s] A_m[:, K_s]ᵀ, fp32 [S, T, r], K_s = [s·k_split, (s+1)·k_split).
+        """Partial H_g,s[rows] = x[rows, K_s] A_g,m[:, K_s]ᵀ, fp32 [G, S, T, r], K_s = [s·k_split, (s+1)·k_split).
 
+        g = program_id(2) picks one of up to 3 adapters that read the same x (q/k/v, gate/up: A at ``a_ptr``,
+        ``a1_ptr``, ``a2_ptr``, noise streams ``tid``, ``tid1``, ``tid2``): one launch for the group, each
+        program the single adapter's code (no loop over names: that spilled in the lowrank shrink).
         One pass over K_s per group of rows (a noise index present, or the unperturbed rows): the group's
         rows of x read once per K step, x Aᵀ plus σ·sign·x E_idxᵀ (stream element j·in + k) with the
         noise tile of the rank's rows generated once. A decode tile (32 rows, 16 per member) holds one
@@ -91,6 +95,14 @@ if triton is not None:
         R_GEN: tl.constexpr = R_PAD >> PAD_STEPS  # noise columns generated: the rank, to a power of two
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
+        g = tl.program_id(2)
+        if g == 1:
+            a_ptr = a1_ptr
+            h_ptr += tl.num_programs(1).to(tl.int64) * num_rows * rank  # this name's [S, T, r] partials
+        elif g == 2:
+            a_ptr = a2_ptr
+            h_ptr += 2 * tl.num_programs(1).to(tl.int64) * num_rows * rank
+        tid = tid + (g == 1).to(tl.int32) * (tid1 - tid) + (g == 2).to(tl.int32) * (tid2 - tid)
         rmask = rows < num_rows
         rows64 = rows.to(tl.int64)
         jj = tl.arange(0, R_PAD)
@@ -185,9 +197,14 @@ def _gpu_blocks(r_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def _shrink_launch(r_pad: int, dtype: torch.dtype) -> dict[str, int]:
     """Warps and stages of the shrink that compile for sm_90 without spills under Triton 3.6 and 3.9 (found by
     ``python -m bench.compile --only lora``): rank 64 spreads its [r, BK] noise tile over 8 warps; fp32 below
-    rank 64 runs its K loop unpipelined (with 3 stages 3.6 spills 16 B at r = 16; with 8 warps 3.9 does)."""
+    rank 64 runs its K loop unpipelined (with 3 stages 3.6 spills 16 B at r = 16; with 8 warps 3.9 does). The
+    pipelined bf16 builds cap registers at 168 (3 CTAs/SM): left alone, ptxas picked 128 and spilled 24-48 B in
+    some builds once the name axis came in (3.9 r = 8 Gaussian, 3.6 r = 16 Gaussian); with the cap, 140-164."""
     unpipelined = dtype == torch.float32 and r_pad < 64
-    return {"num_warps": 8 if r_pad >= 64 else 4, "num_stages": 1 if unpipelined else 3}
+    launch = {"num_warps": 8 if r_pad >= 64 else 4, "num_stages": 1 if unpipelined else 3}
+    if r_pad < 64 and not unpipelined:
+        launch["maxnreg"] = 168
+    return launch
 
 
 def _noise_launch_args(noise: NoiseSpec | None, row_member: torch.Tensor | None, sigma: float, name: str,
@@ -218,16 +235,17 @@ SHRINK_PROGRAMS = 396  # three per SM of an H100 (132 SMs): the CTAs/SM of the b
 MAX_SPLITS = 32        # partials the expand sums: S·T·r·4 bytes, two loads per program at rank 8
 
 
-def _splits(num_rows: int, in_f: int, block_m: int, block_k: int) -> tuple[int, int]:
+def _splits(num_rows: int, in_f: int, block_m: int, block_k: int, names: int = 1) -> tuple[int, int]:
     """(K splits, K range per split) of the shrink: a decode batch has few row tiles (512 rows / 32 = 16),
     and a program's K steps wait on their loads one after another, so the input dimension is split until the
-    grid fills the GPU (in = 1536: 24 splits of two steps). Under the interpreter two splits whenever in spans
-    two K tiles, so that tests run the split path."""
+    grid of (row tile, K split, name) fills the GPU (in = 1536, one name: 24 splits of two steps; q/k/v:
+    8 of six). Under the interpreter two splits whenever in spans two K tiles, whatever ``names``, so that
+    tests run the split path and a grouped launch writes each name's partials bitwise as its own launch."""
     steps = triton.cdiv(in_f, block_k)
     if _backend.triton_interpreted():
         splits = 2 if steps >= 2 else 1
     else:
-        splits = max(1, min(MAX_SPLITS, SHRINK_PROGRAMS // triton.cdiv(num_rows, block_m), steps))
+        splits = max(1, min(MAX_SPLITS, SHRINK_PROGRAMS // (names * triton.cdiv(num_rows, block_m)), steps))
     k_split = triton.cdiv(steps, splits) * block_k
     return triton.cdiv(in_f, k_split), k_split
 
@@ -238,30 +256,48 @@ def _split_chunk(splits: int, block_m: int, rank: int) -> int:
     return max(1, min(triton.next_power_of_2(splits), 2048 // (block_m * triton.next_power_of_2(rank))))
 
 
-def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
-                         noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
-                         block_k: int | None = None) -> torch.Tensor:
-    """Partial H_s = x[:, K_s] A_m[:, K_s]ᵀ over the shrink's K splits, fp32 [S, T, r]; H = Σ_s H_s."""
+def lora_shrink_group(x: torch.Tensor, loras_a: list[torch.Tensor], row_member: torch.Tensor | None,
+                      noise: NoiseSpec | None, sigma: float, names_a: list[str], block_m: int | None = None,
+                      block_k: int | None = None) -> torch.Tensor:
+    """One ``_shrink_kernel`` launch for up to 3 adapters of one rank that read x: partials fp32 [G, S, T, r].
+
+    Grid (row tiles, K splits, G): each program one adapter's pass, so each name's E_A is generated once per
+    noise index (tests/test_work_counts.py) and the group costs one launch, not G. On a GPU the names share
+    one wave of programs (fewer K splits each than alone); under the interpreter a name's partials are bitwise
+    those of its own launch.
+    """
     _backend.require_triton(x, "x", _TRITON_ERROR)
-    (num_rows, in_f), rank = x.shape, lora_a.shape[0]
-    has_noise, members, (k0, k1, tid, step), const = _noise_launch_args(noise, row_member, sigma, name_a, x)
+    if not 1 <= len(loras_a) <= 3 or len(names_a) != len(loras_a) or len({a.shape for a in loras_a}) != 1:
+        raise ValueError(f"lora_shrink_group takes 1 to 3 adapters A of one shape with one name each, got "
+                         f"{[tuple(a.shape) for a in loras_a]} and {len(names_a)} names")
+    (num_rows, in_f), rank = x.shape, loras_a[0].shape[0]
+    has_noise, members, (k0, k1, tid, step), const = _noise_launch_args(noise, row_member, sigma, names_a[0], x)
+    tids = [as_i32(tensor_id(n)) if has_noise else 0 for n in names_a[1:]] + [tid, tid]
     r_pad = max(16, triton.next_power_of_2(rank))
     gpu_m, gpu_k, _ = _gpu_blocks(r_pad, x.dtype)
     block_m, block_k = _block(num_rows, block_m, gpu_m), _block(in_f, block_k, gpu_k)
-    splits, k_split = _splits(num_rows, in_f, block_m, block_k)
-    parts = torch.empty(splits, num_rows, rank, dtype=torch.float32, device=x.device)
+    splits, k_split = _splits(num_rows, in_f, block_m, block_k, len(loras_a))
+    parts = torch.empty(len(loras_a), splits, num_rows, rank, dtype=torch.float32, device=x.device)
     if _backend.triton_interpreted():
         parts.fill_(float("nan"))  # poisoned (tests): a row the shrink misses turns the output NaN
     if num_rows == 0:
         return parts
     per = VALUES_PER_BLOCK[noise.kind if noise is not None else "gaussian"]
-    _shrink_kernel[(triton.cdiv(num_rows, block_m), splits)](
-        parts, x.contiguous(), lora_a.contiguous(), members, num_rows, in_f, rank, k_split, float(sigma),
-        k0, k1, tid, step, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, PAD_STEPS=_pad_steps(r_pad, rank),
-        BLOCKED=in_f % per == 0 and block_k % per == 0, PREC=_precision(x.dtype),
+    a = [t.contiguous() for t in loras_a] + [loras_a[0].contiguous()] * (3 - len(loras_a))
+    _shrink_kernel[(triton.cdiv(num_rows, block_m), splits, len(loras_a))](
+        parts, x.contiguous(), a[0], a[1], a[2], members, num_rows, in_f, rank, k_split, float(sigma),
+        k0, k1, tid, tids[0], tids[1], step, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
+        PAD_STEPS=_pad_steps(r_pad, rank), BLOCKED=in_f % per == 0 and block_k % per == 0, PREC=_precision(x.dtype),
         **{**const, **_shrink_launch(r_pad, x.dtype)},
     )
     return parts
+
+
+def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
+                         noise: NoiseSpec | None, sigma: float, name_a: str, block_m: int | None = None,
+                         block_k: int | None = None) -> torch.Tensor:
+    """Partial H_s = x[:, K_s] A_m[:, K_s]ᵀ over the shrink's K splits, fp32 [S, T, r]; H = Σ_s H_s."""
+    return lora_shrink_group(x, [lora_a], row_member, noise, sigma, [name_a], block_m, block_k)[0]
 
 
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, row_member: torch.Tensor | None,
@@ -305,11 +341,13 @@ def lora_expand_triton(base: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
 def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                        lora_b: torch.Tensor, scaling: float, row_member: torch.Tensor | None,
                        noise: NoiseSpec | None, sigma: float, name_a: str, name_b: str,
-                       out: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None,
+                       parts: torch.Tensor | None = None) -> torch.Tensor:
     """Shared base GEMM, then shrink and expand; y is written in place over the base GEMM unless ``out`` is given.
 
     ``blocks`` = (BLOCK_M, BLOCK_K, BLOCK_N), powers of two ≥ 16, overrides the tiling; results do not
-    depend on it.
+    depend on it. ``parts``: this adapter's shrink partials [S, T, r] from a grouped ``lora_shrink_group``
+    (no shrink launch here).
     """
     _backend.require_triton(x, "x", _TRITON_ERROR)
     block_m, block_k, block_n = blocks if blocks is not None else (None, None, None)
@@ -317,6 +355,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                             or out.device != x.device or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous [{x.shape[0]}, {weight.shape[0]}] of {x.dtype} on {x.device}")
     base = torch.nn.functional.linear(x, weight, bias)
-    parts = lora_shrink_partials(x, lora_a, row_member, noise, sigma, name_a, block_m, block_k)
+    if parts is None:
+        parts = lora_shrink_partials(x, lora_a, row_member, noise, sigma, name_a, block_m, block_k)
     return lora_expand_triton(base, parts, lora_b, scaling, row_member, noise, sigma, name_b, block_m, block_n,
                               out=out)
