@@ -98,14 +98,18 @@ def _fastest(options: list[list[Kernel]], hw: Hardware) -> list[Kernel]:
 # gate/up (a (row tile, K split, name) grid); k, v and up launch none of their own; o and down their own.
 SHRINK_GROUPS: dict[str, tuple[str, int] | None] = {"q": ("qkv", 3), "k": None, "v": None, "gate": ("gate+up", 2),
                                                     "up": None}
+# LoRA groups the same way (decoder ``_lora_linears``); k, v and up's expands read the partials of their group's
+# launch (its K splits)
+GROUP_OWNER = {"k": "q", "v": "q", "up": "gate"}
 
 
 def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_shape: str, t: int = DECODE_ROWS,
                    n: int = MEMBERS, rank: int = 1, hw: Hardware = H100,
-                   shrink: tuple[str, int] | None = ("", 1)) -> list[Kernel]:
+                   shrink: tuple[str, int] | None = ("", 1), group: tuple[str, int] | None = None) -> list[Kernel]:
     """The kernels of one projection in ``mode`` at decode, on the gate's tiles for that shape.
 
-    ``shrink`` (lowrank): ("", 1) its own shrink launch, (group, names) the group's launch, None none."""
+    ``shrink`` (lowrank, LoRA): ("", 1) its own shrink launch, (group, names) the group's launch, None none;
+    ``group`` (LoRA, with ``shrink`` None): the group whose launch wrote this projection's partials."""
     gate_mode = {"unperturbed": "plain", "lora": "plain"}.get(mode, mode.split("-")[0])
     kind = "rademacher" if mode == "full-rademacher" else "gaussian"
     label = f"{gate_mode} {kind} " if gate_mode != "plain" else "plain "
@@ -128,7 +132,8 @@ def linear_kernels(gate: Gate, m: Model, mode: str, n_out: int, n_in: int, case_
         shrink_case = f"lowrank shrink {group} {kind} bf16 {m.name} T={t}" if group else case
         chosen = _lowrank_shrink(gate, shrink_case, t, n_in, n, rank, kind, names) + chosen
     if mode == "lora":
-        chosen = chosen + _lora(gate, m, case_shape, t, n_in, n_out, n)
+        chosen = chosen + _lora(gate, m, case_shape, t, n_in, n_out, n, group=shrink or group or ("", 1),
+                                launch=shrink is not None)
     return chosen
 
 
@@ -186,21 +191,27 @@ def _lowrank_shrink(gate: Gate, case: str, t: int, n_in: int, n: int, rank: int,
     return [k.add_noise(names * n * n_in * rank, kind)]
 
 
-def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, n: int, rank: int = 8) -> list[Kernel]:
+def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, n: int, rank: int = 8,
+          group: tuple[str, int] = ("", 1), launch: bool = True) -> list[Kernel]:
     """Rank-8 LoRA on the shared base GEMM, noise on A and B (fastes/ops/lora_linear_triton.py).
 
-    Shrink: a program per (row tile, K split), one pass over its split per noise index the tile holds (the
+    ``group`` (name, adapters): the shrink launch that writes this projection's partials, ("", 1) its own;
+    ``launch``: whether this projection issues it (q for q/k/v, gate for gate/up; x read once, each adapter's
+    A and E_A once, the adapters' programs sharing one wave: fewer K splits each).
+    Shrink: a program per (row tile, K split, adapter), one pass over its split per noise index the tile holds (the
     gate's builds are antithetic, as bench.generate runs: a 32-row tile holds one pair), each K step one load
     of x and A and the index's E_A tile. Expand: a program per (row tile, column tile) that issues its base
     tile, row members and B first, then waits on its partials, S_CHUNK splits per load. Neither loop is
     software-pipelined (no cp.async in their sm_90 PTX): stages = 1 whatever the launch asked for. Noise
     counted at N members all the same (the design minimum without antithetic pairs)."""
     case = f"lora r={rank} gaussian bf16 {m.name} {case_shape} T={t}"
+    name, names = group
+    shrink_case = f"lora shrink {name} r={rank} gaussian bf16 {m.name} T={t}" if name else case
     defaults = {"_shrink_kernel": ({"BLOCK_M": 32, "BLOCK_K": 32, "R_PAD": 16}, 4, 3),
                 "_expand_kernel": ({"BLOCK_M": 32, "BLOCK_N": 128, "R_PAD": 16, "S_CHUNK": 8}, 8, 3)}
     builds = {}
     for kernel, (constexprs, warps, ctas) in defaults.items():
-        found = gate.builds(case, kernel)
+        found = gate.builds(shrink_case if kernel == "_shrink_kernel" else case, kernel)
         b, programs = found[0] if found else ({"constexprs": constexprs, "num_warps": warps, "ctas_per_sm": ctas}, 0)
         builds[kernel] = (b, programs, {**_shape_of({**b, "num_stages": 1})})
     b, programs, shape = builds["_shrink_kernel"]
@@ -209,10 +220,11 @@ def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, 
     members = _members_per_tile(c["BLOCK_M"], t, n)  # an antithetic pair shares one noise index, one pass
     passes = math.ceil(members / 2) if c.get("ANTITHETIC") else members
     k_steps = math.ceil(n_in / c["BLOCK_K"])
-    programs = programs or row_tiles * min(24, k_steps)
-    splits = max(1, programs // row_tiles)
-    shrink = Kernel("lora shrink", bytes=2 * t * n_in + 2 * rank * n_in + 4 * splits * t * rank,
-                    tc_flops=2 * 2.0 * t * n_in * c["R_PAD"] * passes, tc="tf32", programs=programs,
+    # the launcher's K splits (lora_linear_triton._splits): the names share one wave of 396 programs, ≤ 32 splits
+    programs = programs or names * row_tiles * max(1, min(32, 396 // (names * row_tiles), k_steps))
+    splits = max(1, programs // (names * row_tiles))
+    shrink = Kernel("lora shrink", bytes=2 * t * n_in + names * (2 * rank * n_in + 4 * splits * t * rank),
+                    tc_flops=names * 2 * 2.0 * t * n_in * c["R_PAD"] * passes, tc="tf32", programs=programs,
                     iters=1 + math.ceil(k_steps / splits) * passes, **shape)  # the row members, then x/A loads
     b, programs, shape = builds["_expand_kernel"]
     c = b["constexprs"]
@@ -221,7 +233,8 @@ def _lora(gate: Gate, m: Model, case_shape: str, t: int, n_in: int, n_out: int, 
     expand = Kernel("lora expand", bytes=4 * t * n_out + 4 * splits * t * rank + 2 * n_out * rank,
                     tc_flops=2.0 * t * n_out * c["R_PAD"] * (1 + passes), tc="tf32", programs=programs,
                     iters=math.ceil(splits / c.get("S_CHUNK", 1)), **shape)  # base, members, B in flight meanwhile
-    return [shrink.add_noise(n * n_in * rank, "gaussian"), expand.add_noise(n * n_out * rank, "gaussian")]
+    expand.add_noise(n * n_out * rank, "gaussian")
+    return [shrink.add_noise(names * n * n_in * rank, "gaussian"), expand] if launch else [expand]
 
 
 def shared_kernels(gate: Gate, m: Model, t: int = DECODE_ROWS, ctx: int = PROMPT_LEN + NEW_TOKENS // 2,
@@ -247,7 +260,9 @@ def decode_step(gate: Gate, m: Model, mode: str, hw: Hardware = H100) -> Step:
     """Every kernel of one decode step of ``m`` in ``mode``, with its predicted time."""
     rows: list[tuple[Kernel, Time, int]] = []
     for name, n_out, n_in, shape in _projections(m):
-        for k in linear_kernels(gate, m, mode, n_out, n_in, shape, hw=hw, shrink=SHRINK_GROUPS.get(name, ("", 1))):
+        group = SHRINK_GROUPS[GROUP_OWNER[name]] if name in GROUP_OWNER else None
+        for k in linear_kernels(gate, m, mode, n_out, n_in, shape, hw=hw, shrink=SHRINK_GROUPS.get(name, ("", 1)),
+                                group=group):
             rows.append((k, kernel_time(k, hw), LAYERS[m.name]))
     rows += [(k, kernel_time(k, hw), n) for k, n in shared_kernels(gate, m, hw=hw)]
     return Step(rows)

@@ -207,3 +207,30 @@ def test_lora_programs_per_row_tile_and_split_one_pass_per_noise_index() -> None
         assert shrink.tc_flops == 2 * 2.0 * t * 1536 * 16 * passes and shrink.noise_values == n * 1536 * 8
         assert expand.programs == 192 and expand.iters == 3 and expand.stages == 1 and expand.ctas_per_sm == 3
         assert expand.bytes == 4 * t * 1536 + 4 * 24 * t * 8 + 2 * 1536 * 8 and expand.noise_values == n * 1536 * 8
+
+
+def test_lora_step_launches_one_shrink_per_group_and_expands_read_the_groups_splits() -> None:
+    """LoRA q/k/v share one shrink launch and gate/up another (decoder ``_lora_linears``): 4 per layer, 7 expands.
+    The q/k/v launch (16 row tiles x 8 K splits x 3 adapters, the gate's grid) reads x once and each adapter's A,
+    writes 3 x 8 partials, generates 3 adapters' E_A; k's and v's expands sum the group's 8 splits in one load."""
+    m, t, n = QWEN_15B, DECODE_ROWS, MEMBERS
+    step = gpu_model.decode_step(EMPTY, m, "lora")
+    shrinks = [(k, launches) for k, _, launches in step.kernels if k.name == "lora shrink"]
+    assert len(shrinks) == 4 and all(launches == gpu_model.LAYERS[m.name] for _, launches in shrinks)
+    (qkv, _), (o, _), (gate_up, _), (down, _) = shrinks
+    assert qkv.programs == 3 * 16 * 8 and o.programs == 16 * 24  # the names share one wave of 396 programs
+    assert qkv.noise_values == 3 * n * m.hidden * 8 and gate_up.noise_values == 2 * n * m.hidden * 8
+    assert down.noise_values == n * m.inter * 8
+    assert len([k for k, _, _ in step.kernels if k.name == "lora expand"]) == 7
+    case = f"lora shrink qkv r=8 gaussian bf16 {m.name} T={t}"
+    gate = gpu_model.Gate({"kernels": [
+        {"kernel": "_shrink_kernel", "constexprs": {"BLOCK_M": 32, "BLOCK_K": 32, "R_PAD": 16, "ANTITHETIC": True},
+         "num_warps": 4, "num_stages": 3, "ctas_per_sm": 3, "launches": [[case, [16, 8, 3]]]}]})
+    shrink, expand = gpu_model.linear_kernels(gate, m, "lora", 1536, 1536, "q", shrink=("qkv", 3))[1:]
+    assert shrink.programs == 384 and shrink.iters == 1 + 48 // 8  # one pass (an antithetic pair per tile)
+    assert shrink.bytes == 2 * t * 1536 + 3 * (2 * 8 * 1536 + 4 * 8 * t * 8)
+    assert shrink.tc_flops == 3 * 2 * 2.0 * t * 1536 * 16
+    k_only = gpu_model.linear_kernels(gate, m, "lora", 256, 1536, "k", shrink=None, group=("qkv", 3))
+    assert [k.name for k in k_only] == ["gemm lora", "lora expand"] and k_only[1].iters == 1  # 8 splits, 1 load
+    assert k_only[1].bytes == 4 * t * 256 + 4 * 8 * t * 8 + 2 * 256 * 8
+    assert expand.iters == 1
