@@ -1,4 +1,4 @@
-"""Triton kernels of ``lora_linear`` (Punica SGMV-style, three launches).
+"""Triton kernels of ``lora_linear`` (Punica SGMV-style, three launches; q/k/v and gate/up share a shrink).
 
 The shared base GEMM ``F.linear`` (one read of W for every member), a shrink ``H = x A_mᵀ``
 (fp32, as K-split partials [S, T, r]) and an expand ``y += scaling · (Σ_s H_s) B_mᵀ``, with
@@ -12,10 +12,13 @@ Cost at a decode step, T = 512 rows (N = 32 × 16, sorted by member), in = out =
 
 * base GEMM: 2·T·in·out = 2.4 GFLOP; W 4.7 MB + x 1.6 MB + y 1.6 MB ≈ 2.4 µs (memory).
 * shrink: reads x once more (1.6 MB) and A; 2·T·in·16 FLOPs per pass (r padded to 16 for tl.dot).
-  Members run in parallel across programs, not serially inside one: a program per (32-row tile, K split),
-  16 × 24 = 384 programs of two K steps (32 columns each); a tile holds one noise index (an antithetic
-  pair, 16 rows per member) or two, each a pass over the split with its E_A tile generated once.
-  sm_90: 144 registers (Triton 3.6: 148), 3 CTAs/SM, no spills. Partials S·T·r·4 B = 0.39 MB.
+  Members run in parallel across programs, not serially inside one: a program per (32-row tile, K split,
+  adapter), o alone 16 × 24 = 384 programs of two K steps (32 columns each); a tile holds one noise index
+  (an antithetic pair, 16 rows per member) or two, each a pass over the split with its E_A tile generated
+  once. Adapters that read the same x share one launch (``lora_shrink_group``, the decoder's q/k/v and
+  gate/up): q/k/v 16 × 8 × 3 = 384 programs of six K steps, x read while it sits in L2.
+  sm_90: 142 registers (Triton 3.6: 162) under a 168 cap, 3 CTAs/SM, no spills. Partials S·T·r·4 B per
+  adapter (0.39 MB at 24 splits).
 * expand: a program per (32-row tile, 128 columns), 16 × 12 = 192 programs; reads and writes y in place
   (3.1 MB), base, members and B loaded first, the 24 partials in 3 loads of 8; sm_90 8 warps, 79 registers
   (3.6: 127), 3 (2) CTAs/SM.
@@ -24,10 +27,10 @@ Cost at a decode step, T = 512 rows (N = 32 × 16, sorted by member), in = out =
   16 that tl.dot needs), nothing per K split or column tile beyond the index's own columns; unperturbed
   rows generate none.
 * predicted (bench/gpu_model.py, Triton 3.9 gate; latency-bound, 2 µs of each is the launch): shrink
-  4.5 µs and expand 4.5 µs per launch at the 1.5B q shape; per 1.5B decode step shrink 1.13 ms, expand
-  1.16-1.29 ms (before: 3.58 and 1.74 ms under the same unpipelined loops, each program looping over the
-  4 members of its 64-row tile); LoRA decode ratio 0.696-0.708 (0.5B) and 0.736-0.746 (1.5B) of
-  unperturbed, was 0.55-0.56.
+  4.5 µs and expand 4.5 µs per launch at the 1.5B o shape, the q/k/v shrink 8.1 µs (3 launches: 13.5);
+  per 1.5B decode step shrink 0.91 ms (4 launches a layer; 7: 1.13 ms), expand 0.97-1.22 ms; LoRA decode
+  ratio 0.733-0.751 (0.5B) and 0.760-0.782 (1.5B) of unperturbed (7 shrinks a layer: 0.696-0.708 and
+  0.736-0.746; serial members: 0.55-0.56).
 """
 
 from __future__ import annotations
