@@ -137,3 +137,30 @@ def test_mismatched_lists_are_one_line_errors(rng):
     with pytest.raises(ValueError, match="do not fit"):
         lora_linear_group(x, ws, bs, [a_s[0], torch.randn(2, 15)], b_s, 1.0, rm, None, 0.0, NAMES_A[:2],
                           NAMES_B[:2], backend="cpu")
+
+
+@pytest.mark.gpu
+def test_qwen_sized_group_on_gpu():
+    """1.5B q/k/v (1536 → 1536, 256, 256), rank 8, bf16, 32 members × 16 sorted rows: the grouped launch (fewer K
+    splits per adapter than alone) within bf16 rounding of the per-weight launches and of the reference."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, rows, n, rank = 1536, 512, 32, 8
+    x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
+    outs = [1536, 256, 256]
+    ws = [(torch.randn(o, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16).cuda() for o in outs]
+    bs = [torch.randn(o, generator=gen).to(torch.bfloat16).cuda() for o in outs]
+    a_s = [(torch.randn(rank, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16).cuda() for _ in outs]
+    b_s = [(torch.randn(o, rank, generator=gen) * 0.1).to(torch.bfloat16).cuda() for o in outs]
+    rm = torch.arange(n).repeat_interleave(rows // n).cuda()
+    rm[::37] = -1
+    noise = NoiseSpec(seed=2**45 + 3, step=9, kind="gaussian", antithetic=True)
+    got = lora_linear_group(x, ws, bs, a_s, b_s, 2.0, rm, noise, 0.1, NAMES_A[:3], NAMES_B[:3], backend="triton")
+    sub = torch.randperm(rows, generator=gen)[:128].cuda()
+    for g in range(3):
+        want = lora_linear(x, ws[g], bs[g], a_s[g], b_s[g], 2.0, rm, noise, 0.1, NAMES_A[g], NAMES_B[g],
+                           backend="triton")
+        ref = lora_linear(x[sub], ws[g], bs[g], a_s[g], b_s[g], 2.0, rm[sub], noise, 0.1, NAMES_A[g], NAMES_B[g],
+                          backend="reference")
+        atol = float(ref.float().abs().max()) * 2**-6
+        torch.testing.assert_close(got[g].float(), want.float(), rtol=0, atol=atol)
+        torch.testing.assert_close(got[g][sub].float(), ref.float(), rtol=0, atol=atol)
