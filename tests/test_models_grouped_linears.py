@@ -1,7 +1,8 @@
 """The decoder sends q/k/v and gate/up through one perturbed_linear_group when none has LoRA or bias noise.
 
 The grouped forward (Triton interpreter: one shrink launch per group) must give the CPU forward's logits,
-and the bias-noise case must keep the per-projection path.
+and the bias-noise case must keep the per-projection path. With LoRA on every projection, q/k/v and gate/up go
+through one lora_linear_group each (one LoRA shrink launch), unless their adapters differ in being perturbed.
 """
 
 from __future__ import annotations
@@ -85,12 +86,7 @@ def qwen2_lora(tmp_path_factory: pytest.TempPathFactory):
     return model
 
 
-def test_grouped_triton_lora_forward_equals_the_cpu_forward(qwen2_lora, monkeypatch):
-    """q/k/v and gate/up LoRA go through one lora_linear_group each (one shrink launch on Triton); the logits
-    are the CPU forward's (one lora_linear per projection)."""
-    pop = Population(size=4, sigma=5e-2, mode="lora", rank=4, seed=5, antithetic=True)
-    prompts, members = random_ids(64, [5, 3, 4], vocab=64), [1, -1, 2]
-    want = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="cpu"))
+def _lora_spy(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     calls: list[list[str]] = []
     real = decoder_lib.lora_linear_group
 
@@ -99,6 +95,16 @@ def test_grouped_triton_lora_forward_equals_the_cpu_forward(qwen2_lora, monkeypa
         return real(x, weights, biases, loras_a, loras_b, *args, **kwargs)
 
     monkeypatch.setattr(decoder_lib, "lora_linear_group", spy)
+    return calls
+
+
+def test_grouped_triton_lora_forward_equals_the_cpu_forward(qwen2_lora, monkeypatch):
+    """q/k/v and gate/up LoRA go through one lora_linear_group each (one shrink launch on Triton); the logits
+    are the CPU forward's (one lora_linear per projection)."""
+    pop = Population(size=4, sigma=5e-2, mode="lora", rank=4, seed=5, antithetic=True)
+    prompts, members = random_ids(64, [5, 3, 4], vocab=64), [1, -1, 2]
+    want = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="cpu"))
+    calls = _lora_spy(monkeypatch)
     got = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="triton"))
     assert calls == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
     for a, b in zip(got, want, strict=True):
@@ -106,3 +112,16 @@ def test_grouped_triton_lora_forward_equals_the_cpu_forward(qwen2_lora, monkeypa
     unperturbed = packed_prefill(qwen2_lora, prompts)
     assert (got[0] - unperturbed[0]).abs().max() > 1e-3  # member 1's adapter noise reached the logits
     torch.testing.assert_close(got[1], unperturbed[1], atol=1e-4, rtol=0)  # the -1 sequence has none
+
+
+def test_lora_group_with_one_adapter_unperturbed_keeps_its_projections_apart(qwen2_lora, monkeypatch):
+    """k_proj's adapters excluded from the noise: q/k/v cannot share one σ, so they run one lora_linear each
+    (gate/up still group) and the logits stay the CPU forward's."""
+    pop = Population(size=2, sigma=5e-2, mode="lora", rank=4, seed=5, exclude=("*k_proj*",))
+    prompts, members = random_ids(64, [4, 3], vocab=64), [0, 1]
+    want = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="cpu"))
+    calls = _lora_spy(monkeypatch)
+    got = packed_prefill(qwen2_lora, prompts, members, Perturbation.for_model(qwen2_lora, pop, 0, backend="triton"))
+    assert calls == [["gate_proj", "up_proj"]] * 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
