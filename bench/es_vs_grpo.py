@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads or not torch.cuda.is_available():
         torch.set_num_threads(args.threads or 1)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)  # the ES trainer keeps it (runtime.cpu_threads_for)
     from bench.common import RESULTS, device_name, git_commit, slug, versions
     from fastes.analysis.report import to_jsonable
     from fastes.es.trainer import resolve_device
