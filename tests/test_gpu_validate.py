@@ -39,6 +39,14 @@ def test_plan_names_only_test_files_that_exist() -> None:
     assert "-m gpu" in out and "tests/test_engine_gpu.py" in out  # graph capture end to end
 
 
+def test_plan_runs_every_test_file_with_gpu_tests() -> None:
+    """A `gpu` test in a file the check does not name would never run on the lent GPU."""
+    named = set(re.findall(r"tests/\S+\.py", _run("--plan").stdout))
+    with_gpu = {f"tests/{f.name}" for f in (ROOT / "tests").glob("test_*.py")
+                if re.search(r"pytest\.mark\.gpu|mark\.gpu\b", f.read_text(encoding="utf-8"))}
+    assert with_gpu and with_gpu <= named, sorted(with_gpu - named)
+
+
 @pytest.mark.parametrize("args", [[], ["tests"], ["check", "measure"], ["--plan", "x"]])
 def test_bad_arguments_exit_2_before_doing_anything(args: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"
