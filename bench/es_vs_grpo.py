@@ -187,7 +187,8 @@ def run_grpo(cfg: Any, args: argparse.Namespace, clock: Clock, work: Path, es: A
         with clock.paused(), torch.no_grad():
             for name, param in engine.model.params.items():
                 param.copy_(state[name].to(device=param.device, dtype=param.dtype))
-            result = evaluate(engine, es.task, es.eval_set, es.rewards, sampling, es.use_chat)
+            primary = es.eval_sets[0]  # ES's eval/accuracy is this set's (es.eval_set joins every set)
+            result = evaluate(engine, primary.task, primary.examples, primary.rewards, sampling, primary.use_chat)
             curve.append(point(clock, step, count["samples"], count["tokens"], result, started))
 
     class Budget(TrainerCallback):
@@ -228,11 +229,15 @@ def build_config(args: argparse.Namespace) -> Any:
     from fastes.cli import load_train_config
     from fastes.es.config import TrainConfig, apply_overrides
 
-    overrides = ["--steps", str(10**8), "--save_every", "0", "--eval_every", "0", "--progress", "false",
+    overrides = ["--save_every", "0", "--eval_every", "0", "--progress", "false",
                  "--tensorboard", "false"] + (["--model", args.model] if args.model else [])
     overrides += (["--eval_size", str(args.eval_size)] if args.eval_size else []) + ["--" + kv for kv in args.es]
     config, _ = load_train_config(args.es_config, overrides)
     data = config.to_dict()
+    if data["optim"]["schedule"] == "constant" and data["population"]["sigma_schedule"] == "constant":
+        data["steps"] = 10**8  # nothing decays: run until the budget
+    # else the config's (or --es steps=N's) step count is the schedules' length: ES stops at the
+    # budget or there, whichever comes first (a cosine stretched to 1e8 steps would be a constant lr)
     if args.task:
         data.update(task=args.task, task_options={})
     return TrainConfig.from_dict(apply_overrides(data, [f"--task_options.{o}" for o in args.task_option]))

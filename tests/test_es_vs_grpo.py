@@ -153,3 +153,16 @@ def test_seed_summary_is_mean_and_sd_at_equal_time() -> None:
     assert s["es"]["at_time"][2][0] == pytest.approx((0.5 + 0.5 + 0.45) / 3)  # t = 10: the evals at 10.3 s
     assert s["es"]["to_threshold"]["0.55"] == [300, None, None]
     assert "300 (1/3 seeds)" in markdown(s)
+
+
+def test_es_side_keeps_a_decaying_schedule_length_and_runs_a_constant_one_to_the_budget(tmp_path):
+    """A cosine config keeps its steps (stretched to the budget it would be a constant lr); constant runs on."""
+    from bench.es_vs_grpo import build_config, parse_args
+
+    decaying = build_config(parse_args(["--es", "steps=37"]))  # the demo config: cosine lr
+    assert decaying.optim.schedule == "cosine" and decaying.steps == 37
+    import yaml
+
+    assert build_config(parse_args([])).steps == yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["steps"]
+    constant = build_config(parse_args(["--es", "optim.schedule=constant"]))
+    assert constant.steps == 10**8
