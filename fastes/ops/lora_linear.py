@@ -110,12 +110,12 @@ def lora_linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
         raise ValueError(f"lora_linear_group needs one bias, A, B and A/B name per weight, got {n} weights, "
                          f"{len(biases)} biases, {len(loras_a)} A, {len(loras_b)} B, {len(names_a)} A names, "
                          f"{len(names_b)} B names")
-    for w, b, a, bb in zip(weights, biases, loras_a, loras_b, strict=True):
-        _check_args(x, w, b, a, bb, scaling, row_member, noise, sigma, num_members)
     chosen = choose(backend, BACKENDS, x)
-    if chosen != "triton" or len({a.shape[0] for a in loras_a}) != 1:
+    if chosen != "triton" or len({a.shape[0] for a in loras_a}) != 1:  # lora_linear checks each weight
         return [lora_linear(x, w, b, a, bb, scaling, row_member, noise, sigma, na, nb, num_members, chosen)
                 for w, b, a, bb, na, nb in zip(weights, biases, loras_a, loras_b, names_a, names_b, strict=True)]
+    for w, b, a, bb in zip(weights, biases, loras_a, loras_b, strict=True):
+        _check_args(x, w, b, a, bb, scaling, row_member, noise, sigma, num_members)
     outs = []
     for c in range(0, n, 3):  # the shrink kernel takes up to 3 adapters
         part = range(c, min(c + 3, n))
