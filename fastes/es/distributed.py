@@ -304,7 +304,13 @@ class Distributed:
                 flat[0] = flat[0] * 1.5 + 0.01
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears its gloo threads down while a peer still talks to it
+        can abort() (exit -6) in their C++ destructors, which torchrun reports as a failed node."""
         if dist.is_initialized():
+            try:
+                self.barrier()
+            except DistributedError:
+                pass  # a peer is already gone: nothing left to wait for
             dist.destroy_process_group()
 
 
